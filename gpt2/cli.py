@@ -1,0 +1,32 @@
+"""Entry-point glue for the scripts: fire dispatch, one-line errors, non-zero exits."""
+import errno
+import sys
+
+import fire
+
+from gpt2.errors import UserError
+
+
+def main(component, *, name=None):
+    """Run `component` with fire; turn a UserError or OS error into one line on stderr.
+
+    Exit codes: 0 ok, 1 bad input or a failed file operation, 130 interrupted.
+    """
+    prog = name or sys.argv[0].rsplit('/', 1)[-1]
+    try:
+        fire.Fire(component, name=prog)
+    except UserError as e:
+        _die(prog, str(e))
+    except OSError as e:
+        # Full disk, permissions, a path that is a file: these come from the user's machine.
+        why = e.strerror or str(e)
+        where = f': {e.filename}' if getattr(e, 'filename', None) else ''
+        hint = ' (free some space and run again)' if e.errno == errno.ENOSPC else ''
+        _die(prog, f'{why}{where}{hint}')
+    except KeyboardInterrupt:
+        _die(prog, 'interrupted', code=130)
+
+
+def _die(prog, message, code=1):
+    print(f'{prog}: error: {message}', file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,199 @@
+"""GPT-2's forward pass: pure functions over a parameter tree keyed like OpenAI's checkpoint.
+
+The tree is {'wte', 'wpe', 'h': [block, ...], 'ln_f'} with each block {'ln_1', 'attn': {'c_attn',
+'c_proj'}, 'ln_2', 'mlp': {'c_fc', 'c_proj'}}; leaves have the checkpoint's shapes (conv1d weights
+keep OpenAI's leading axis of 1). Leaves may be arrays, tensors or variables; nothing here makes state.
+"""
+import math
+
+import numpy as np
+import tensorflow as tf
+
+# XLA's in-place update and the check for an XLA context have no public API in TF 2.
+from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
+
+
+def init_params(hparams, seed=0, dtype=np.float32):
+    """A fresh tree with OpenAI's initialisers: N(0, 0.02) weights, N(0, 0.01) wpe, zero biases."""
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+
+    def norm(n):
+        return {'g': np.ones([n], dtype), 'b': np.zeros([n], dtype)}
+
+    def conv1d(nx, nf):
+        return {'w': normal([1, nx, nf], 0.02), 'b': np.zeros([nf], dtype)}
+
+    d = hparams.n_embd
+    return {
+        'wte': normal([hparams.n_vocab, d], 0.02),
+        'wpe': normal([hparams.n_ctx, d], 0.01),
+        'h': [{
+            'ln_1': norm(d),
+            'attn': {'c_attn': conv1d(d, 3 * d), 'c_proj': conv1d(d, d)},
+            'ln_2': norm(d),
+            'mlp': {'c_fc': conv1d(d, 4 * d), 'c_proj': conv1d(4 * d, d)},
+        } for _ in range(hparams.n_layer)],
+        'ln_f': norm(d),
+    }
+
+
+def to_tensors(params):
+    """The same tree with every leaf a constant tf.Tensor (what compiled steps take)."""
+    return tf.nest.map_structure(tf.convert_to_tensor, params)
+
+
+def gelu(x):
+    # OpenAI's tanh approximation, not the erf form: the weights were trained with this one.
+    return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+def norm(x, p, *, eps=1e-5):
+    """[..., n_embd] -> [..., n_embd]: layer norm with OpenAI's epsilon."""
+    u = tf.reduce_mean(x, axis=-1, keepdims=True)
+    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
+    return (x - u) * tf.math.rsqrt(s + eps) * p['g'] + p['b']
+
+
+def linear(x, p):
+    """[..., nx] -> [..., nf]: OpenAI's conv1d, a matmul with w of shape [1, nx, nf]."""
+    w = p['w']
+    nx, nf = w.shape[-2], w.shape[-1]
+    y = tf.matmul(tf.reshape(x, [-1, nx]), tf.reshape(w, [nx, nf])) + p['b']
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [nf]], 0))
+
+
+def _split_heads(x, n_head):
+    # [batch, seq, n_embd] -> [batch, n_head, seq, head_dim]
+    b, s = tf.shape(x)[0], tf.shape(x)[1]
+    return tf.transpose(tf.reshape(x, [b, s, n_head, x.shape[-1] // n_head]), [0, 2, 1, 3])
+
+
+def _merge_heads(x):
+    # [batch, n_head, seq, head_dim] -> [batch, seq, n_embd]
+    b, s = tf.shape(x)[0], tf.shape(x)[2]
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, s, x.shape[1] * x.shape[3]])
+
+
+def _masked(w, mask):
+    # Where-masking rather than OpenAI's `w*b - 1e10*(1-b)`: same softmax, and no overflow in fp16.
+    return tf.where(mask, w, tf.constant(w.dtype.min, w.dtype))
+
+
+def attn(x, p, *, n_head, past=None, mask_past=None, mask_new):
+    """[batch, seq, n_embd] -> ([batch, seq, n_embd], present [2, batch, n_head, seq, head_dim]).
+
+    `past` is a fixed-size buffer [2, batch, n_head, cache_len, head_dim] whose slots are visible
+    where `mask_past` [batch, 1, seq, cache_len] is true; the new keys are visible under `mask_new`
+    [batch, 1, seq, seq]. Scores are computed against the buffer and the new keys separately, so the
+    buffer is read once and never copied or concatenated.
+    """
+    q, k, v = [_split_heads(t, n_head) for t in tf.split(linear(x, p['c_attn']), 3, axis=2)]
+    scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+    w_new = _masked(tf.matmul(q, k, transpose_b=True) * scale, mask_new)
+    if past is None:
+        a = tf.matmul(tf.nn.softmax(w_new), v)
+    else:
+        w_past = _masked(tf.matmul(q, past[0], transpose_b=True) * scale, mask_past)
+        w = tf.nn.softmax(tf.concat([w_past, w_new], axis=-1))
+        n = past.shape[-2]
+        a = tf.matmul(w[..., :n], past[1]) + tf.matmul(w[..., n:], v)
+    return linear(_merge_heads(a), p['c_proj']), tf.stack([k, v])
+
+
+def mlp(x, p):
+    """[..., n_embd] -> [..., n_embd]"""
+    return linear(gelu(linear(x, p['c_fc'])), p['c_proj'])
+
+
+def block(x, p, *, n_head, past=None, mask_past=None, mask_new):
+    """One pre-norm transformer block; returns the new x and this layer's keys and values."""
+    a, present = attn(norm(x, p['ln_1']), p['attn'], n_head=n_head, past=past,
+                      mask_past=mask_past, mask_new=mask_new)
+    x = x + a
+    return x + mlp(norm(x, p['ln_2']), p['mlp']), present
+
+
+def empty_cache(hparams, batch, length=None, dtype=tf.float32):
+    """A zeroed key/value buffer [n_layer, 2, batch, n_head, length, head_dim] (length <= n_ctx).
+
+    Its size is fixed, so a decode step compiles once; give `length` as the tokens a run needs
+    (prompt + new) to read and write less than a full n_ctx buffer.
+    """
+    length = hparams.n_ctx if length is None else length
+    return tf.zeros([hparams.n_layer, 2, batch, hparams.n_head, length, hparams.head_dim], dtype)
+
+
+def write_cache(cache, present, pos):
+    """cache [n_layer, 2, batch, n_head, length, head_dim] with `present` (seq long) put at `pos`."""
+    if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+        # Under XLA this is an in-place update of a loop-carried buffer.
+        zero = tf.zeros([], tf.int32)
+        return xla.dynamic_update_slice(cache, present, [zero] * 4 + [tf.cast(pos, tf.int32), zero])
+    seq = tf.shape(present)[4]
+    out = tf.concat([cache[:, :, :, :, :pos], present, cache[:, :, :, :, pos + seq:]], axis=4)
+    return tf.ensure_shape(out, cache.shape)
+
+
+def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
+    """tokens [batch, seq] -> (logits [batch, seq, n_vocab], cache).
+
+    Without a cache this is OpenAI's model() over the whole sequence, and the returned cache is None.
+    With a cache (see empty_cache) the tokens occupy slots pos..pos+seq-1: they attend to slots
+    before `pos` and causally to each other, and the returned cache has their keys and values written
+    in. `start` [batch] (optional) marks each row's first real slot: slots before it are left padding,
+    invisible to attention, and positions count from it, so prompts of different lengths can share
+    one batch (right-aligned) and give what each would alone.
+    """
+    tokens = tf.convert_to_tensor(tokens)
+    seq = tf.shape(tokens)[1]
+    pos = tf.cast(pos, tf.int32)
+    slots = pos + tf.range(seq)                                   # [seq]
+    offset = tf.zeros([tf.shape(tokens)[0]], tf.int32) if start is None else tf.cast(start, tf.int32)
+    positions = tf.maximum(slots[None, :] - offset[:, None], 0)   # [batch, seq]
+    wte = params['wte']
+    h = tf.gather(wte, tokens) + tf.gather(params['wpe'], positions)
+
+    causal = slots[:, None] >= slots[None, :]                     # [seq, seq]
+    visible = slots[None, :] >= offset[:, None]                   # [batch, seq]
+    mask_new = (causal[None] & visible[:, None, :])[:, None]      # [batch, 1, seq, seq]
+    mask_past = None
+    if cache is not None:
+        idx = tf.range(cache.shape[-2])                           # [length]
+        past_ok = (idx[None, :] < pos) & (idx[None, :] >= offset[:, None])  # [batch, length]
+        mask_past = tf.broadcast_to(past_ok[:, None, None, :],
+                                    [tf.shape(tokens)[0], 1, seq, cache.shape[-2]])
+
+    presents = []
+    for i, p in enumerate(params['h']):
+        past = None if cache is None else cache[i]
+        h, present = block(h, p, n_head=hparams.n_head, past=past, mask_past=mask_past,
+                           mask_new=mask_new)
+        presents.append(present)
+    h = norm(h, params['ln_f'])
+    logits = tf.matmul(tf.reshape(h, [-1, hparams.n_embd]), wte, transpose_b=True)  # tied to wte
+    logits = tf.reshape(logits, [tf.shape(tokens)[0], seq, hparams.n_vocab])
+    if cache is not None:
+        cache = write_cache(cache, tf.stack(presents), pos)
+    return logits, cache
+
+
+def make_forward(hparams, *, jit_compile=None):
+    """forward compiled once per input shape for these hparams.
+
+    `params` stays an argument, so another tree of the same shapes (another checkpoint) reuses the
+    trace; `pos` is passed as a tensor, so every position does too. `.tracing_count()` reports traces.
+    """
+    @tf.function(jit_compile=jit_compile)
+    def step(params, tokens, cache, pos, start):
+        return forward(hparams, params, tokens, cache=cache, pos=pos, start=start)
+
+    def call(params, tokens, cache=None, pos=0, start=None):
+        return step(params, tokens, cache, tf.constant(pos, tf.int32), start)
+
+    call.tracing_count = step.experimental_get_tracing_count
+    return call
