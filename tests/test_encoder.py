@@ -1,0 +1,103 @@
+"""encoder/: OpenAI's token ids, checked against tiktoken built from the same vocabulary files."""
+import glob
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import encoder
+from gpt2.errors import UserError
+from tests.conftest import CORPORA, OPENAI_117M, require_shared
+
+tiktoken = pytest.importorskip('tiktoken')
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
+
+HERE = os.path.dirname(encoder.__file__)
+# GPT-2's pattern as tiktoken writes it (equivalent to OpenAI's encoder.py pattern).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+EDGE_CASES = [
+    '', ' ', '  ', '\n', '\n\n\n', ' \n \n', 'a  b   c    d', 'trailing spaces   ', '\t\ttabs\t',
+    'Crème brûlée, naïve façade, Ångström', '北京欢迎你。東京タワー', '한국어 텍스트',
+    'emoji 👍🏽 family 👨‍👩‍👧‍👦 flag 🏳️‍🌈', "don't won't I'm you're we've they'll he'd",
+    "DON'T I'M 'quoted' ''s", '3.14159 1,000,000 2026-11-21 0x1F 1e10', 'line\r\nwindows\r\n',
+    'non\u00a0breaking\u00a0space', 'zero\u200bwidth', '<|endoftext|>', 'a<|endoftext|>b',
+    'ab<|endoftext|><|endoftext|>\n<|endoftext', '\x00\x01 control \x7f', 'ﬁ ligature Ǆ',
+    '    def f(x):\n        return x  # code\n', 'mixed 123abc abc123 ...!!! ???',
+]
+
+
+@pytest.fixture(scope='module')
+def enc():
+    return encoder.get_encoder()
+
+
+@pytest.fixture(scope='module')
+def oracle():
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(HERE, 'vocab.bpe'),
+                                            os.path.join(HERE, 'encoder.json'))
+    return tiktoken.Encoding('gpt2-oracle', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={encoder.EOT: encoder.EOT_ID})
+
+
+def test_shipped_vocabulary_is_openais():
+    require_shared()
+    for name in ('encoder.json', 'vocab.bpe'):
+        with open(os.path.join(HERE, name), 'rb') as a, open(os.path.join(OPENAI_117M, name), 'rb') as b:
+            assert a.read() == b.read()
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(CORPORA, '*.txt'))) or ['missing'])
+def test_corpora_match_tiktoken(enc, oracle, path):
+    require_shared()
+    text = open(path, encoding='utf-8').read()
+    ids = enc.encode(text)
+    assert ids == oracle.encode_ordinary(text)
+    assert enc.decode(ids) == text
+
+
+@pytest.mark.parametrize('text', EDGE_CASES)
+def test_edge_cases_match_tiktoken(enc, oracle, text):
+    assert enc.encode(text) == oracle.encode_ordinary(text)
+    assert enc.encode(text, allowed_special='all') == oracle.encode(text, allowed_special='all')
+    assert enc.decode(enc.encode(text)) == text
+
+
+def test_endoftext_is_text_by_default_and_one_id_when_allowed(enc):
+    as_text = enc.encode('a<|endoftext|>b')
+    assert encoder.EOT_ID not in as_text and len(as_text) > 3
+    assert enc.encode('a<|endoftext|>b', allowed_special=[encoder.EOT]) == [64, 50256, 65]
+    assert enc.decode([64, 50256, 65]) == 'a<|endoftext|>b'
+    with pytest.raises(UserError, match='unknown special'):
+        enc.encode('x', allowed_special=['<|nope|>'])
+
+
+def test_decode_replaces_invalid_utf8_and_rejects_bad_ids(enc):
+    # 'é' is two bytes; its first byte alone is not valid UTF-8.
+    first_byte = enc.encoder[encoder.bytes_to_unicode()[0xC3]]
+    assert enc.decode([first_byte]) == '\ufffd'
+    assert enc.decode([first_byte, 64]) == '\ufffda'
+    with pytest.raises(UserError, match='out of range'):
+        enc.decode([50257])
+
+
+def test_model_folder_vocabulary_is_preferred(tmp_path):
+    vocab = {'a': 0, 'b': 1, 'ab': 2, '<|endoftext|>': 3}
+    (tmp_path / 'encoder.json').write_text(__import__('json').dumps(vocab))
+    (tmp_path / 'vocab.bpe').write_text('#version: 0.2\na b\n')
+    own = encoder.get_encoder(str(tmp_path))
+    assert own.encode('ab') == [2] and own.n_vocab == 4
+    assert encoder.get_encoder(str(tmp_path / 'elsewhere')).n_vocab == 50257
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_decode_inverts_encode_on_any_unicode(enc, text):
+    assert enc.decode(enc.encode(text)) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab 'sll\n\t1é北👍\u00a0<|>endoftx")), max_size=40))
+def test_tricky_alphabet_matches_tiktoken(enc, oracle, text):
+    assert enc.encode(text) == oracle.encode_ordinary(text)
