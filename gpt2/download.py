@@ -11,6 +11,7 @@ import pathlib
 import re
 import shutil
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -36,7 +37,7 @@ CHECKPOINT_FILES = (PREFIX + '.data-00000-of-00001', PREFIX + '.index')
 PART = '.part'
 # Sizes and mtimes of the files the last successful check read, so a second run skips the check.
 STAMP = '.verified.json'
-RETRIES = 6          # failed requests in a row (without a byte received) before giving up
+RETRIES = 5          # retries after failed requests in a row (none bringing a byte)
 BACKOFF = 1.0        # seconds before the first retry; doubles each time, at most MAX_BACKOFF
 MAX_BACKOFF = 30.0
 TIMEOUT = 60.0       # seconds without a byte before a connection counts as dropped
@@ -142,13 +143,24 @@ def fetch(url, dest, *, retries=RETRIES, backoff=BACKOFF, timeout=TIMEOUT, progr
     """
     part = dest + PART
     failures = 0
-    bar = tqdm(desc=os.path.basename(dest), unit='B', unit_scale=True, unit_divisor=1024,
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = None
+
+    def show(total, start):  # one bar per file, made once the size is known, reset on a restart
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=start, desc=os.path.basename(dest), unit='B',
+                       unit_scale=True, unit_divisor=1024, disable=not progress, file=sys.stderr,
+                       dynamic_ncols=True)
+        else:
+            bar.reset(total=total)
+            bar.update(start)
+        return bar
+
     try:
         while True:
             before = _size(part)
             try:
-                total = _attempt(url, part, timeout=timeout, bar=bar)
+                total = _attempt(url, part, timeout=timeout, show=show)
                 break
             except _Transient as e:
                 failures = 1 if _size(part) > before else failures + 1
@@ -158,12 +170,13 @@ def fetch(url, dest, *, retries=RETRIES, backoff=BACKOFF, timeout=TIMEOUT, progr
                 _say(progress, f'{os.path.basename(dest)}: {e}; retrying in {wait:g} s')
                 sleep(wait)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     os.replace(part, dest)
     return total
 
 
-def _attempt(url, part, *, timeout, bar):
+def _attempt(url, part, *, timeout, show):
     """One request appending to `part`; returns the file's size once `part` holds all of it."""
     offset = _size(part)
     stream, start, total = _open(url, offset, timeout)
@@ -174,29 +187,35 @@ def _attempt(url, part, *, timeout, bar):
         raise _Transient(f'{part} is larger than the file on the server ({offset} > {total} '
                          'bytes); starting again')
     with stream:
-        if start != offset:  # the server ignored the Range header: start from scratch
-            open(part, 'wb').close()
         _check_space(part, total, start)
-        bar.reset(total=total)
-        bar.update(start)
+        bar = show(total, start)
         got = start
-        with open(part, 'ab') as f:
-            while total is None or got < total:
-                try:
-                    chunk = stream.read1(CHUNK) if hasattr(stream, 'read1') else stream.read(CHUNK)
-                except _NETWORK_ERRORS as e:
-                    raise _Transient(f'connection lost after {got} of {total} bytes '
-                                     f'({_reason(e)})') from None
-                if not chunk:
-                    break
-                _write(f, chunk, part)
-                got += len(chunk)
-                bar.update(len(chunk))
+        try:
+            # 'wb' when the server ignored the Range header (or there was no part): start afresh.
+            with open(part, 'ab' if start else 'wb') as f:
+                while total is None or got < total:
+                    try:
+                        chunk = stream.read1(CHUNK) if hasattr(stream, 'read1') else \
+                            stream.read(CHUNK)
+                    except _NETWORK_ERRORS as e:
+                        raise _Transient(f'connection lost after {got} of {total} bytes '
+                                         f'({_reason(e)})') from None
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:  # the disk's errors: the network's became _Transient above
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f'the disk is full while writing {part}; free some space (or '
+                                'use another --models_dir) and run again: the download resumes '
+                                'from what is already there') from None
+            raise
     if total is not None and got != total:
         if got > total:
             _remove(part)
         # A body shorter than its Content-Length: the connection closed early.
-        raise _Transient(f'the server sent {got} of {total} bytes')
+        raise _Transient(f'the response ended at byte {got} of {total}')
     return got
 
 
@@ -230,6 +249,10 @@ def _open(url, offset, timeout):
                             'mirror holds NAME/FILE like the official address') from None
         raise UserError(f'{url} refused the download (HTTP {e.code} {e.reason})') from None
     except _NETWORK_ERRORS as e:
+        if isinstance(getattr(e, 'reason', None), ssl.SSLCertVerificationError):
+            # Trying again cannot fix a certificate; a proxy or an old CA bundle usually can.
+            raise UserError(f'cannot verify the certificate of {url} ({_reason(e)}); fix the '
+                            'system\'s CA certificates or proxy, or use --mirror') from None
         raise _Transient(f'cannot connect ({_reason(e)})', unreachable=True) from None
     length = response.headers.get('Content-Length')
     if response.status == 206:
@@ -255,17 +278,6 @@ def _check_space(part, total, start):
         raise UserError(f'not enough disk space for {part}: {_mb(total - start)} more needed, '
                         f'{_mb(free)} free; free some space (or use another --models_dir) and '
                         'run again')
-
-
-def _write(f, chunk, part):
-    try:
-        f.write(chunk)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f'the disk is full while writing {part}; free some space (or use '
-                            'another --models_dir) and run again: the download resumes from '
-                            'what is already there') from None
-        raise
 
 
 def verify(folder, *, progress=True):
