@@ -184,8 +184,8 @@ def _attempt(url, part, *, timeout, show):
         if offset == total:
             return total
         _remove(part)
-        raise _Transient(f'{part} is larger than the file on the server ({offset} > {total} '
-                         'bytes); starting again')
+        raise _Transient(f'the server has no byte {offset} of a {total}-byte file; starting '
+                         'again')
     with stream:
         _check_space(part, total, start)
         bar = show(total, start)
@@ -238,10 +238,9 @@ def _open(url, offset, timeout):
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
-        if e.code == 416:
+        if e.code == 416:  # the part reaches the end already (or is longer than the file)
             m = re.fullmatch(r'bytes \*/(\d+)', e.headers.get('Content-Range', '').strip())
-            if m:
-                return None, None, int(m.group(1))
+            return None, None, int(m.group(1)) if m else None
         if e.code >= 500 or e.code in _RETRY_STATUS:
             raise _Transient(f'HTTP {e.code} {e.reason}') from None
         if e.code == 404:

@@ -241,6 +241,16 @@ def test_complete_part_is_finished_by_a_416(release, server, tmp_path):
     assert (folder / 'vocab.bpe').read_bytes() == release[0]['vocab.bpe']
 
 
+def test_part_longer_than_the_file_starts_again(release, server, tmp_path):
+    folder = tmp_path / 'models' / NAME
+    folder.mkdir(parents=True)
+    body = release[0]['vocab.bpe']
+    (folder / 'vocab.bpe.part').write_bytes(b'X' * (len(body) + 5))
+    fetch(server, tmp_path)
+    assert server.requests('vocab.bpe') == [f'bytes={len(body) + 5}-', None]
+    assert (folder / 'vocab.bpe').read_bytes() == body
+
+
 def test_server_ignoring_range_restarts_the_file(release, server, tmp_path):
     folder = tmp_path / 'models' / NAME
     folder.mkdir(parents=True)
