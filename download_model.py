@@ -1,9 +1,5 @@
 """Download one of OpenAI's GPT-2 models: python download_model.py 124M"""
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported
-
-from gpt2 import cli, download  # noqa: E402
+from gpt2 import cli, download
 
 
 def main(model_name, models_dir=download.DEFAULT_MODELS_DIR, mirror=None, force=False):

@@ -287,9 +287,10 @@ def verify(folder, *, progress=True):
     """
     # TensorFlow loads here, not at import: bad names and flags fail without a 2 s wait.
     import numpy as np
-    import tensorflow as tf
 
-    from gpt2 import checkpoint
+    from gpt2 import checkpoint, cli
+    cli.quiet_tensorflow()
+    import tensorflow as tf
 
     hparams_path = os.path.join(folder, hparams_lib.FILENAME)
     try:
