@@ -76,6 +76,14 @@ def _check_ngram(ngram):
     return ngram
 
 
+def split_paths(paths):
+    """'a.txt,data/' (one string from the command line) -> ['a.txt', 'data/']; a list, or the
+    name of a path that exists with a comma in it, is left as it is."""
+    if isinstance(paths, str) and ',' in paths and not os.path.exists(paths):
+        return [p for p in paths.split(',') if p]
+    return paths
+
+
 def _check_mode(mode):
     if mode not in MODES:
         raise UserError(f'unknown --mode {mode!r}; expected one of {", ".join(MODES)} '
@@ -105,13 +113,15 @@ def _documents(path, enc):
 
 class Index:
     """Hashes of a corpus's normalised lines and of its `ngram`-token n-grams, as sorted uint64
-    arrays (8 bytes each: a 10 MB corpus of ~2.5M tokens takes ~20 MB; see docs/BENCH-novelty.md).
+    arrays: 8 bytes a distinct n-gram, so a 10 MB corpus (~2.5M tokens) holds at most ~20 MB
+    (docs/BENCH-novelty.md). `paths`: files, folders, globs (a list, or one comma-separated
+    string); text files, and .npz token files decoded with `enc`.
     """
 
     def __init__(self, paths, *, ngram=DEFAULT_NGRAM, enc=None):
         self.ngram = _check_ngram(ngram)
         self.enc = enc or encoder_lib.get_encoder()
-        self.files = dataset.expand_paths(paths)
+        self.files = dataset.expand_paths(split_paths(paths))
         line_hashes, grams, self.tokens = set(), [], 0
         for path in self.files:
             for lines in _documents(path, self.enc):
@@ -178,8 +188,9 @@ class Report:
 
 
 class Filter:
-    """Build once (from corpus paths, or an Index), then `.check(text) -> (kept_text, report)` on
-    each generated text; `.total` sums the reports of every check (a rate for the checkpoint)."""
+    """Build once (from corpus paths as Index takes them, or an Index), then
+    `.check(text) -> (kept_text, report)` on each generated text; `.total` sums the reports of
+    every check (a rate for the checkpoint). `ngram` defaults to DEFAULT_NGRAM, or the Index's."""
 
     def __init__(self, corpus, *, mode='drop', ngram=None, enc=None, delimiter=SAMPLE_DELIMITER):
         self.mode = _check_mode(mode)
@@ -254,6 +265,9 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
         ngram_share (shares are None when nothing was counted).
     """
     _check_ngram(ngram), _check_mode(mode)  # before the index build, which takes a while
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise UserError(f'--output needs a file name, got {output!r}; e.g. --output '
+                        'samples/novel.txt, or leave it out to write to stdout')
     text = _read_samples(samples)
     filt = Filter(corpus, mode=mode, ngram=ngram, delimiter=delimiter)
     kept, report = filt.check(text)

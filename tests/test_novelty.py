@@ -145,11 +145,18 @@ def test_npz_corpus_equals_text(tmp_path):
 def test_folders_and_globs(tmp_path, corpus):
     os.makedirs(tmp_path / 'sub')
     write(tmp_path / 'sub' / 'more.txt', 'Entirely different words here.\n')
-    for paths in [str(tmp_path), str(tmp_path / '*.txt') + ',' + str(tmp_path / 'sub')]:
-        paths = paths.split(',')
+    for paths in [str(tmp_path), str(tmp_path / '*.txt') + ',' + str(tmp_path / 'sub'),
+                  [str(tmp_path / 'corpus.txt'), str(tmp_path / 'sub' / 'more.txt')]]:
         kept, _ = novelty.Filter(paths).check('Nothing to be done.\nentirely  different words '
                                               'HERE.\nnew\n')
         assert kept == 'new\n'
+
+
+def test_split_paths(tmp_path):
+    assert novelty.split_paths('a.txt,data/,') == ['a.txt', 'data/']
+    assert novelty.split_paths(['a,b.txt']) == ['a,b.txt']
+    comma = write(tmp_path / 'a,b.txt', 'x')
+    assert novelty.split_paths(comma) == comma
 
 
 def test_flushing_long_documents_loses_no_window(tmp_path, monkeypatch):
@@ -247,6 +254,7 @@ def test_run_to_stdout_and_in_place(tmp_path, corpus, capsys):
     ({'ngram': '8'}, "got '8'"),
     ({'ngram': 2.5}, 'got 2.5'),
     ({'mode': 'delete'}, "unknown --mode 'delete'"),
+    ({'output': True}, '--output needs a file name, got True'),
     ({'corpus': 'blank.txt'}, 'has no text'),
     ({'corpus': 'latin1.txt'}, 'not UTF-8'),
     ({'samples': 'latin1.txt'}, 'samples file latin1.txt is not UTF-8'),
@@ -260,9 +268,9 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, kwargs, words):
     write('bad.npz', 'not a zip')
     with open('latin1.txt', 'wb') as f:
         f.write('caf\u00e9\n'.encode('latin-1'))
-    args = {'corpus': 'corpus.txt', 'samples': 'samples.txt', **kwargs}
+    args = {'corpus': 'corpus.txt', 'samples': 'samples.txt', 'output': 'out.txt', **kwargs}
     with pytest.raises(UserError) as e:
-        novelty.run(args.pop('corpus'), args.pop('samples'), output='out.txt', **args)
+        novelty.run(args.pop('corpus'), args.pop('samples'), **args)
     assert words in str(e.value) and '\n' not in str(e.value)
     assert not os.path.exists('out.txt')
 
