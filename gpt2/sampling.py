@@ -108,12 +108,16 @@ def gumbel_noise(seed, rows, step, n_vocab):
 
 
 def choose(logits, *, temperature, top_k, top_p, noise):
-    """One token per row [batch] int32: argmax when temperature is 0, else a filtered draw."""
-    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    safe_t = tf.where(temperature > 0, temperature, tf.ones_like(temperature))
-    filtered = filter_logits(logits, temperature=safe_t, top_k=top_k, top_p=top_p)
-    drawn = tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
-    return tf.where(temperature > 0, drawn, greedy)
+    """One token per row [batch] int32: argmax when temperature is 0, else a filtered draw.
+    `noise` is a function returning the Gumbel noise, called only when drawing."""
+    def greedy():
+        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+    def drawn():
+        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        return tf.argmax(filtered + noise(), axis=-1, output_type=tf.int32)
+
+    return tf.cond(temperature > 0, drawn, greedy)
 
 
 # ---- the compiled chunk loop ----
@@ -146,7 +150,7 @@ def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, top
             logits = mix_logits(logits_list, controls['weights'])
             if penalty:
                 logits = apply_penalty(logits, seen, controls['penalty'])
-            noise = gumbel_noise(controls['seed'], rows, step, hparams.n_vocab)
+            noise = lambda: gumbel_noise(controls['seed'], rows, step, hparams.n_vocab)  # noqa
             tok = choose(logits, temperature=controls['temperature'], top_k=top_k,
                          top_p=controls['top_p'] if top_p else None, noise=noise)
             out = tf.where(cols == i, tf.where(done, PAD, tok)[:, None], out)
@@ -372,12 +376,11 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
     `recompute`, the cache is rebuilt from the text with the new trees at each span; otherwise it
     keeps what earlier trees wrote (a tree count change always rebuilds). Rows end at `stop_ids`
     inside the loop and at `stop_strings` (needs `decode_text`) between chunks.
-    Returns {'tokens': new ids per sample, 'texts': decoded and cut at stop strings or None}.
+    Returns {'tokens': new ids per sample, 'texts': decoded and cut at stop strings or None,
+    'tracing_count': traces of the compiled loop so far}.
     """
-    n_models = max(len(s[1]) for s in spans)
-    for s in spans:
-        assert len(s[1]) == n_models, 'mixtures of different sizes need separate runs'
-    assert spans[0][0] == 0
+    n_models = len(spans[0][2])
+    assert spans[0][0] == 0 and all(len(s[2]) == n_models for s in spans)
     need = max(len(p) for p in prompts) + length
     L = cache_length(hparams, need)
     dec = Decoder(hparams, batch_size, L, n_models=n_models, top_k=top_k, top_p=top_p < 1,
@@ -394,23 +397,24 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
         cut = [None] * batch_size
         done_steps = 0
         span_i = 0
-        dec.prefill(spans[0][1], [window(r, hparams) if len(r) > L else r for r in rows],
+        dec.prefill(_trees(spans[0]), [window(r, hparams) if len(r) > L else r for r in rows],
                     row_ids=row_ids, done=ended)
         while done_steps < length and not ended.all():
             while span_i + 1 < len(spans) and spans[span_i + 1][0] <= done_steps:
                 span_i += 1
                 if recompute:
-                    _rebuild(dec, spans[span_i][1], rows, gen, row_ids, done_steps, ended, L,
+                    _rebuild(dec, _trees(spans[span_i]), rows, gen, row_ids, done_steps, ended, L,
                              hparams)
             if on_span is not None:
                 on_span(span_i, done_steps)
             if dec.room() == 0:
-                _rebuild(dec, spans[span_i][1], rows, gen, row_ids, done_steps, ended, L, hparams)
+                _rebuild(dec, _trees(spans[span_i]), rows, gen, row_ids, done_steps, ended, L,
+                         hparams)
             n = min(dec.chunk, dec.room(), bounds[span_i] - done_steps)
             controls = make_controls(hparams, temperature=temperature, top_p=top_p,
                                      repetition_penalty=repetition_penalty, seed=seed,
                                      stop_ids=stop_ids, weights=spans[span_i][2])
-            out = dec.run(spans[span_i][1], n, controls)
+            out = dec.run(_trees(spans[span_i]), n, controls)
             for r in range(batch_size):
                 if ended[r]:
                     continue
@@ -445,7 +449,12 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
             else:
                 texts.append(decode_text(gen[r]) if decode_text is not None else None)
             results.append(gen[r])
-    return {'tokens': results, 'texts': texts}
+    return {'tokens': results, 'texts': texts, 'tracing_count': dec.decode.tracing_count()}
+
+
+def _trees(span):
+    # A span's trees, or a function that loads them on first use (the palimpsest's Store).
+    return span[1]() if callable(span[1]) else span[1]
 
 
 def _rebuild(dec, params, rows, gen, row_ids, steps, ended, L, hparams):
