@@ -19,16 +19,15 @@ DELIMITER = '=' * 40 + ' SAMPLE {} ' + '=' * 40
 # ---- shared pieces of the subcommands ----
 
 def _load_source(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir):
+    """The path that --model_name, --run_name or --checkpoint names (124M by default)."""
     given = [x for x in (model_name, run_name, checkpoint_path) if x is not None]
     if len(given) > 1:
         raise UserError('give one of --model_name, --run_name or --checkpoint, not several')
     if checkpoint_path is not None:
-        return str(checkpoint_path), None
+        return str(checkpoint_path)
     if run_name is not None:
-        return os.path.join(checkpoint_dir, str(run_name)), os.path.join(checkpoint_dir,
-                                                                        str(run_name))
-    name = '124M' if model_name is None else str(model_name)
-    return os.path.join(models_dir, name), None
+        return os.path.join(checkpoint_dir, str(run_name))
+    return os.path.join(models_dir, '124M' if model_name is None else str(model_name))
 
 
 def _encoder(prefix):
@@ -38,7 +37,7 @@ def _encoder(prefix):
 
 
 def _load(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir):
-    path, _ = _load_source(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir)
+    path = _load_source(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir)
     params, hparams, prefix = checkpoint.load_params(path)
     return params, hparams, prefix, _encoder(prefix)
 
@@ -279,7 +278,7 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
     elif cycle is not None:
         if every is None:
             raise UserError('--cycle needs --every N (tokens per checkpoint)')
-        names = [name(n) for n in palimpsest_lib._items(cycle, '--cycle')]
+        names = [name(n) for n in palimpsest_lib.split_items(cycle, '--cycle')]
         plan = palimpsest_lib.cycle_plan(names, every, length)
         described = f'cycle-{cycle}-every{every}'
     elif steps is not None:
@@ -290,7 +289,7 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
                 raise UserError('--steps all needs --run_name (the run to walk through)')
             names = palimpsest_lib.all_steps(run_dir)
         else:
-            names = [name(n) for n in palimpsest_lib._items(steps, '--steps')]
+            names = [name(n) for n in palimpsest_lib.split_items(steps, '--steps')]
         plan = palimpsest_lib.walk_plan(names, every)
         described = f'steps-{steps}-every{every}'
         if len(names) * every > length + every and not quiet:

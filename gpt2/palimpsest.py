@@ -22,7 +22,8 @@ MARK = '[[{}]]'            # how --annotate marks the start of a span in text ou
 
 # ---- plans: lists of (first new-token index, checkpoint names, weights) ----
 
-def _items(value, flag):
+def split_items(value, flag):
+    """Comma-separated entries of a flag."""
     # fire turns "a,b" into a string but "60,200" into a tuple: accept both.
     if isinstance(value, (list, tuple)):
         items = [str(v) for v in value]
@@ -37,7 +38,7 @@ def _items(value, flag):
 def parse_schedule(value):
     """'0:model-60,40:model-200' -> [(0, 'model-60'), (40, 'model-200')]."""
     out = []
-    for item in _items(value, '--schedule'):
+    for item in split_items(value, '--schedule'):
         pos, sep, name = item.partition(':')
         if not sep or not pos.strip().isdigit() or not name.strip():
             raise UserError(f'--schedule entry {item!r} is not POSITION:CHECKPOINT; expected e.g. '
@@ -67,7 +68,7 @@ def walk_plan(names, every):
 def parse_blend(value):
     """'model-60:0.3,model-400:0.7' -> [('model-60', 0.3), ('model-400', 0.7)], normalised."""
     out = []
-    for item in _items(value, '--blend'):
+    for item in split_items(value, '--blend'):
         name, sep, w = item.rpartition(':')
         try:
             weight = float(w)

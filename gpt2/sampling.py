@@ -5,7 +5,6 @@ parameter tree(s) as arguments, so the tree can change at any token boundary wit
 plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per span.
 """
 import functools
-import math
 import os
 
 import numpy as np
