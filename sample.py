@@ -5,15 +5,18 @@ import datetime
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from gpt2 import cli
 
-from gpt2 import checkpoint, cli, palimpsest as palimpsest_lib, sampling, scoring  # noqa: E402
+cli.quiet_tensorflow()
+
+from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
+from gpt2 import sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
 MODELS_DIR = 'models'
 CHECKPOINT_DIR = 'checkpoint'
 SAMPLES_DIR = 'samples'
-DELIMITER = '=' * 40 + ' SAMPLE {} ' + '=' * 40
+DELIMITER = novelty_lib.SAMPLE_DELIMITER + ' SAMPLE {} ' + novelty_lib.SAMPLE_DELIMITER
 
 
 # ---- shared pieces of the subcommands ----
@@ -142,13 +145,41 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
            nsamples=1, batch_size=1, length=sampling.DEFAULT_LENGTH,
            temperature=sampling.DEFAULT_TEMPERATURE, top_k=sampling.DEFAULT_TOP_K,
            top_p=sampling.DEFAULT_TOP_P, repetition_penalty=sampling.DEFAULT_PENALTY, seed=None,
-           stop=None, include_prompt=False, output=None, quiet=False, xla=True):
-    """Generate text. Subcommands: `sample.py score --help`, `sample.py palimpsest --help`.
+           stop=None, include_prompt=False, output=None, quiet=False, xla=True,
+           novel_against=None, novel_mode='mark', ngram=novelty_lib.DEFAULT_NGRAM):
+    """Generate text. Subcommands: `sample.py score|palimpsest|novelty --help`.
 
-    --interactive: read a prompt from stdin, print samples, repeat (Ctrl-D ends).
+    Weights (one of): --model_name NAME (MODELS_DIR/NAME), --run_name RUN (the latest checkpoint
+    of CHECKPOINT_DIR/RUN), --checkpoint PATH (a run folder, model folder or checkpoint prefix).
+
+    Args:
+        prompt: a prompt (escapes like \\n are read); without one, samples start from
+            <|endoftext|> (unconditional).
+        prompt_file: a file of prompts, one per line, or one per block when blank lines separate
+            blocks; different prompts share a batch, each gets --nsamples samples.
+        interactive: read a prompt from stdin, print samples, repeat (Ctrl-D ends).
+        nsamples: samples per prompt.  batch_size: samples generated at once.
+        length: new tokens per sample; past n_ctx the model slides its window (keeps 3/4).
+        temperature: divides the logits; 0 is greedy (argmax).
+        top_k: keep the k most likely tokens (0: all).  top_p: then keep the smallest set whose
+            probability reaches p (1: all); both may be active, top-k first.
+        repetition_penalty: CTRL's rule on tokens already in the text (logit / r if positive,
+            logit * r if negative; 1: off).
+        seed: makes the samples reproducible (printed when not given).
+        stop: a string, or a list of strings/tokens; each sample ends where it first writes one.
+        include_prompt: print the prompt before each sample.
+        output: also write the samples to this file (samples separated by delimiter lines).
+        quiet: no progress bar or delimiters on stdout.
+        xla: compile the decode loop with XLA (--noxla: TF's kernels).
+        novel_against: training text (files, folders, globs, comma-separated): lines copied from
+            it are marked or dropped (see `sample.py novelty --help`); the copy rate goes to stderr.
+        novel_mode: mark (prefix copied lines with '[copied] ') or drop.
+        ngram: tokens in a shared run that make a line copied.
     """
     _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, batch_size)
     texts = _read_prompts(prompt, prompt_file)  # bad input fails before the weights load
+    novel = (novelty_lib.Filter(novel_against, mode=novel_mode, ngram=ngram)
+             if novel_against else None)
     params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
                                          checkpoint_dir)
     params = sampling.as_tensors(params)
@@ -175,6 +206,8 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
         chunks = []
         for i, text in enumerate(res['texts']):
             body = (shown[i] + text) if include_prompt else text
+            if novel:
+                body, _ = novel.check(body)
             chunks.append(body)
             if not quiet:
                 print(DELIMITER.format(i + 1))
@@ -186,6 +219,8 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
 
     if not interactive:
         once(texts, seed, output)
+        if novel:
+            print(f'novelty: {novel.total}', file=sys.stderr)
         return
     n = 0
     while True:
@@ -353,7 +388,12 @@ palimpsest.__doc__ += SHARED_FLAGS.split('      --xla')[0].replace(
     'Weights (one of)', 'Weights (plain sampling only)')
 
 # Subcommands beside the default sampling; `novelty` joins here.
-COMMANDS = {'score': score, 'palimpsest': palimpsest}
+def novelty(corpus, samples, mode='drop', ngram=novelty_lib.DEFAULT_NGRAM, output=None):
+    novelty_lib.run(corpus, samples, mode=mode, ngram=ngram, output=output)
+
+
+novelty.__doc__ = novelty_lib.run.__doc__.split('    Returns:')[0]
+COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty}
 
 
 def entry(argv=None):

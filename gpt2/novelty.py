@@ -21,7 +21,9 @@ import encoder as encoder_lib
 from gpt2 import dataset
 from gpt2.errors import UserError
 
-SAMPLE_DELIMITER = '=' * 40  # the line sample.py writes between samples; kept as it is
+# sample.py writes '<40 x => SAMPLE n <40 x =>' between samples; any line starting with this prefix
+# is a delimiter, never checked, always kept.
+SAMPLE_DELIMITER = '=' * 40
 MODES = ('drop', 'mark')
 MARKER = '[copied] '  # prefixed to each copied line in `mark` mode
 DEFAULT_NGRAM = 8  # tokens; about six words (see docs/README-novelty.md for how it was chosen)
@@ -208,7 +210,7 @@ class Filter:
         """Lines (str, no line ends) -> (bool array: copied?, Report). Blank lines and delimiter
         lines are never copied and not counted."""
         index, n = self.index, self.index.ngram
-        norms = [normalise(line) if line != self.delimiter else '' for line in lines]
+        norms = [normalise(line) if not line.startswith(self.delimiter) else '' for line in lines]
         checked = [i for i, norm in enumerate(norms) if norm]
         copied = np.zeros(len(lines), dtype=bool)
         report = Report(n, lines=len(checked))
@@ -259,7 +261,7 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
         mode: drop (remove copied lines) or mark (prefix them with '[copied] ').
         ngram: length in tokens of a shared run that makes a line copied (about 0.75 words a token).
         output: where to write the filtered samples (written atomically); default stdout.
-        delimiter: the line that separates samples; never checked, always kept.
+        delimiter: lines starting with this separate samples; never checked, always kept.
     Returns:
         The report as a dict: ngram, lines, copied_lines, line_share, ngrams, copied_ngrams,
         ngram_share (shares are None when nothing was counted).

@@ -284,3 +284,25 @@ def test_empty_npz_corpus_and_ngram_mismatch(tmp_path, corpus):
     assert novelty.Filter(index, ngram=5).index is index
     with pytest.raises(UserError, match='differs from the index'):
         novelty.Filter(index, ngram=6)
+
+
+def test_sample_py_novel_against_drops_lines_found_in_the_corpus(tmp_path):
+    """Same seed twice: the second run, checked against the first run's text, drops every line."""
+    import subprocess
+    import sys
+
+    from gpt2 import checkpoint, hparams, model
+    from tests.conftest import ROOT
+    hp = hparams.HParams(n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+    checkpoint.save_params(model.init_params(hp, 1), str(tmp_path / 'run' / 'model-1'), hparams=hp)
+    base = [sys.executable, 'sample.py', '--checkpoint', str(tmp_path / 'run'), '--length', '24',
+            '--nsamples', '2', '--seed', '5', '--quiet']
+    first = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / 'corpus.txt').write_text(first.stdout, encoding='utf-8')
+    second = subprocess.run(base + ['--novel_against', str(tmp_path / 'corpus.txt'),
+                                    '--novel_mode', 'drop'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.strip() and not second.stdout.strip()
+    assert 'copied lines: 2 of 2' in second.stderr
