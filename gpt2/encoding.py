@@ -20,9 +20,9 @@ from gpt2.errors import UserError
 
 COMBINE = 50000  # characters per chunk before it is closed (nshepperd's default)
 MODELS_DIR = 'models'  # where download_model.py puts model folders
-PIECE_CHARS = 1 << 20  # characters per piece handed to a worker; bounds memory per file
+PIECE_CHARS = 1 << 18  # characters per piece handed to a worker; bounds memory per file
 BLOCK_BYTES = 1 << 20  # bytes read from a file at a time
-SPILL_BYTES = 64 << 20  # a chunk's tokens beyond this go to a temporary file, not memory
+SPILL_BYTES = 2 << 20  # a chunk's tokens beyond this go to a temporary file, not memory
 TOKEN_DTYPE = np.dtype('<u2')  # GPT-2's 50257 ids fit in uint16
 ERRORS = ('strict', 'replace', 'ignore')
 TEXT = 'text'  # item kinds: ('text', str, nbytes, doc_end) and ('tokens', array, nbytes)
@@ -273,6 +273,8 @@ def _encoded(items, *, model_dir, enc, allowed, workers, piece_chars):
     are in flight, so reading never runs far ahead of encoding (bounded memory)."""
     pool = None
     if workers > 1:
+        # Load the vocabulary and compile the pattern here, so forked workers inherit them.
+        encoder_lib.get_encoder(model_dir).encode_array('warm up')
         pool = multiprocessing.get_context().Pool(workers, _init_worker, (model_dir, allowed))
         submit = lambda texts: pool.apply_async(_encode_texts, (texts,))  # noqa: E731
     else:
@@ -390,7 +392,8 @@ def write_npz(stream, path, *, compress=True):
                     held.append(tokens)
                     held_bytes += tokens.nbytes
                     if held_bytes > SPILL_BYTES:
-                        spill.write(b''.join(t.tobytes() for t in held))
+                        for t in held:
+                            spill.write(t.data)
                         spilled += held_bytes
                         held, held_bytes = [], 0
                 if end:
@@ -424,11 +427,11 @@ def _write_entry(zf, name, n, spill, spilled, held):
         np.lib.format.write_array_header_1_0(
             f, {'descr': TOKEN_DTYPE.str, 'fortran_order': False, 'shape': (n,)})
         while spilled:
-            data = spill.read(min(spilled, BLOCK_BYTES * 16))
+            data = spill.read(min(spilled, BLOCK_BYTES))
             f.write(data)
             spilled -= len(data)
         for tokens in held:
-            f.write(tokens.tobytes())
+            f.write(tokens.data)
 
 
 def chunks_in_memory(stream):
