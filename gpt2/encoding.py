@@ -111,8 +111,8 @@ def read_blocks(path, *, encoding='utf-8', errors='strict', block=BLOCK_BYTES):
             data = f.read(block)
             nul = data.find(b'\x00') if check_nul else -1
             if nul >= 0:
-                raise UserError(f'{path} looks like a binary file (a NUL byte at byte {offset + nul})'
-                                '; pass text files, folders of them, .csv or .npz')
+                raise UserError(f'{path} looks like a binary file (a NUL byte at byte '
+                                f'{offset + nul}); pass text files, folders of them, .csv or .npz')
             pending = len(decoder.getstate()[0])
             try:
                 text = decoder.decode(data, final=not data)
@@ -150,7 +150,8 @@ def read_csv(path, *, column=0, header=True, encoding='utf-8', errors='strict'):
     `header`); the header row is skipped; rows with every field empty are skipped."""
     codec = _codec(encoding)
     _check_errors(errors)
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long posts exceed the 128 KB default
+    # Long posts exceed the csv module's default field limit of 128 KB.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     with open(path, 'rb') as raw:
         text = io.TextIOWrapper(raw, encoding=codec, errors=errors, newline='')
         reader = csv.reader(_lines_without_nul(text, path))

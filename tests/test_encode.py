@@ -45,8 +45,8 @@ def _corpus_sample(chars=60000):
 
 # --- the tokenizer pieces ---------------------------------------------------------------------
 
-TEXT = st.text(st.sampled_from(list('ab Z\n\t\r 7\'s.,!é漢ß\u00a0\u2003\x1c\x85') + ['𝔘', '😀']),
-               max_size=60)
+CHARS = list('ab Z\n\t\r 7\'s.,!é漢ß\u00a0\u2003\x1c\x85') + ['𝔘', '😀']
+TEXT = st.text(st.sampled_from(CHARS), max_size=60)
 
 
 @settings(max_examples=300, deadline=None)
@@ -111,7 +111,8 @@ def test_npz_is_uint16_chunks_with_eot_between_documents(tmp_path):
     b = _write(tmp_path / 'b.txt', 'General Kenobi!')
     chunks, names, stats = _encode(tmp_path, [a, b])
     assert names == ['arr_0'] and chunks[0].dtype == np.dtype('<u2')
-    assert chunks[0].tolist() == ENC.encode('Hello there.\n') + [EOT] + ENC.encode('General Kenobi!')
+    assert chunks[0].tolist() == (ENC.encode('Hello there.\n') + [EOT]
+                                  + ENC.encode('General Kenobi!'))
     assert stats['tokens'] == len(chunks[0]) and stats['chunks'] == 1
     # --noseparator: the documents simply follow each other.
     chunks, _, _ = _encode(tmp_path, [a, b], separator=False)
@@ -287,7 +288,8 @@ def test_mixture_is_round_robin_and_longest_by_default(tmp_path):
 
 
 def test_mixture_units_and_filters(tmp_path):
-    a = _write(tmp_path / 'a.txt', 'One. Two, 2 words!\nStill two? Yes.\n\nNew para "quoted."  Ok\n')
+    a = _write(tmp_path / 'a.txt',
+               'One. Two, 2 words!\nStill two? Yes.\n\nNew para "quoted."  Ok\n')
     b = _write(tmp_path / 'b.txt', 'x\n')
     assert list(mixture.mixture([a], unit='sentence')) == [
         'One.', 'Two, 2 words!', 'Still two?', 'Yes.', 'New para "quoted."', 'Ok']
