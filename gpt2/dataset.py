@@ -1,31 +1,12 @@
 """Training data: token chunks from .npz or text, a fair window sampler whose state can be saved,
 and fixed validation batches."""
-import glob
-import os
-
 import numpy as np
 
-import encoder as encoder_lib
+from gpt2 import encoding as encoding_lib
 from gpt2.errors import UserError
 
 
-def expand_paths(paths):
-    """Files, folders (recursive) and globs -> sorted list of files; UserError for a missing path."""
-    if isinstance(paths, str):
-        paths = [paths]
-    out = []
-    for p in paths:
-        if os.path.isfile(p):
-            out.append(p)
-        elif os.path.isdir(p):
-            out.extend(sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
-                              if not f.startswith('.')))
-        else:
-            matches = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
-            if not matches:
-                raise UserError(f'no such file, folder or glob match: {p}')
-            out.extend(matches)
-    return out
+expand_paths = encoding_lib.expand_paths  # files, folders (recursive), globs -> files
 
 
 def load_npz(path):
@@ -37,41 +18,21 @@ def load_npz(path):
         raise UserError(f'{path} is not a readable .npz token file: {e}') from None
 
 
-def load_chunks(paths, enc=None, *, combine=50000):
-    """Token chunks from .npz files and text files; small text files are joined, separated by
-    <|endoftext|> (id 50256), into chunks of at least `combine` characters (nshepperd's rule)."""
-    enc = enc or encoder_lib.get_encoder()
-    chunks, texts, size = [], [], 0
-    for path in expand_paths(paths):
-        if path.endswith('.npz'):
-            chunks.extend(load_npz(path))
-            continue
-        try:
-            with open(path, encoding='utf-8') as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise UserError(f'{path} is not UTF-8 text (byte {e.start}); '
-                            'convert it, or encode it with encode.py --errors replace') from None
-        texts.append(text)
-        size += len(text)
-        if size >= combine:
-            chunks.append(_encode_joined(enc, texts))
-            texts, size = [], 0
-    if texts:
-        chunks.append(_encode_joined(enc, texts))
-    chunks = [c for c in chunks if len(c)]
+def load_chunks(paths, enc=None, *, combine=encoding_lib.COMBINE, separator=True,
+                eot_in_text=True, column=0, header=True, encoding='utf-8', errors='strict',
+                workers=1):
+    """Token chunks (int32 arrays) from .npz files, text files, folders, globs and .csv, encoded
+    on the fly exactly as encode.py writes them (same flags, see encode.py --help): small text
+    files are joined, separated by <|endoftext|> (id 50256), into chunks of at least `combine`
+    characters (nshepperd's rule). `enc`: an encoder.Encoder (default: the built-in vocabulary)."""
+    items = encoding_lib.corpus_items(paths, column=column, header=header, encoding=encoding,
+                                      errors=errors)
+    chunks = encoding_lib.chunks_in_memory(encoding_lib.encode_items(
+        items, enc=enc, combine=combine, separator=separator, eot_in_text=eot_in_text,
+        workers=workers))
     if not chunks:
-        raise UserError(f'no tokens in {paths}: the dataset is empty')
+        raise UserError(f'the dataset {paths} is empty: it holds no text or tokens')
     return chunks
-
-
-def _encode_joined(enc, texts):
-    ids = []
-    for text in texts:
-        if ids:
-            ids.append(enc.eot_token)
-        ids.extend(enc.encode(text, allowed_special=[encoder_lib.EOT]))
-    return np.asarray(ids, dtype=np.int32)
 
 
 class Sampler:
@@ -86,9 +47,12 @@ class Sampler:
         self.total = int(starts.sum())
         if self.total == 0:
             longest = max((len(c) for c in chunks), default=0)
-            raise UserError(f'the dataset is too short for windows of {length} tokens: its longest '
-                            f'chunk has {longest} tokens, and {length} are needed '
-                            '(add text, or lower the context length)')
+            total = sum(len(c) for c in chunks)
+            raise UserError(f'the dataset is too short for windows of {length} tokens: it has '
+                            f'{total} tokens in {len(chunks)} chunk(s), the longest {longest}, and '
+                            f'a window needs {length} in one chunk (add text, raise --combine '
+                            'when encoding so small files share a chunk, or lower the context '
+                            'length)')
         self.boundaries = np.cumsum(starts)
         self.rng = np.random.default_rng(seed)
 

@@ -1,0 +1,490 @@
+"""Corpora to token chunks: inputs streamed in pieces cut where the tokenizer cuts anyway, encoded
+in worker processes, joined into chunks of documents separated by <|endoftext|>, written as .npz."""
+import codecs
+import csv
+import functools
+import glob
+import io
+import multiprocessing
+import os
+import secrets
+import tempfile
+import zipfile
+from collections import deque
+
+import numpy as np
+import regex
+
+import encoder as encoder_lib
+from gpt2.errors import UserError
+
+COMBINE = 50000  # characters per chunk before it is closed (nshepperd's default)
+MODELS_DIR = 'models'  # where download_model.py puts model folders
+PIECE_CHARS = 1 << 18  # characters per piece handed to a worker; bounds memory per file
+BLOCK_BYTES = 1 << 20  # bytes read from a file at a time
+SPILL_BYTES = 2 << 20  # a chunk's tokens beyond this go to a temporary file, not memory
+TOKEN_DTYPE = np.dtype('<u2')  # GPT-2's 50257 ids fit in uint16
+ERRORS = ('strict', 'replace', 'ignore')
+TEXT = 'text'  # item kinds: ('text', str, nbytes, doc_end) and ('tokens', array, nbytes)
+TOKENS = 'tokens'
+
+
+def expand_paths(paths):
+    """Files, folders (recursive) and globs -> list of files in order, each folder and glob sorted;
+    UserError for a missing path."""
+    if isinstance(paths, str):
+        paths = [paths]
+    out = []
+    for p in map(str, paths):
+        if os.path.isfile(p):
+            out.append(p)
+        elif os.path.isdir(p):
+            out.extend(sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                              if not f.startswith('.')))
+        else:
+            matches = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+            if not matches:
+                raise UserError(f'no such file, folder or glob match: {p}')
+            out.extend(matches)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading text in pieces
+
+
+@functools.lru_cache(maxsize=None)
+def _spaces():
+    """The characters PATTERN's \\s matches (Unicode White_Space, all in the BMP)."""
+    return frozenset(regex.findall(r'\s', ''.join(map(chr, range(0x10000)))))
+
+
+def cut_point(text):
+    """An index p (0 < p < len) at which encoding text[:p] and text[p:] apart gives the same ids
+    as encoding text whole, as late as possible and at a line end when there is one; 0 if none.
+
+    p is safe when text[p-1] is not whitespace and text[p] is: no token of PATTERN spans a
+    non-space followed by a space, and no token before p looks past text[p-1]. So the cut goes
+    just after the last visible character of a line (before its newline and trailing blanks)."""
+    spaces = _spaces()
+    end = text.rfind('\n')
+    while end > 0:
+        p = end
+        while p > 0 and text[p - 1] in spaces:
+            p -= 1
+        if p > 0:
+            return p
+        end = text.rfind('\n', 0, p)
+    # One long line: the last visible character followed by a space will do.
+    m = _LAST_VISIBLE_THEN_SPACE.search(text)
+    return m.start() + 1 if m else 0
+
+
+_LAST_VISIBLE_THEN_SPACE = regex.compile(r'(?r)\S\s')  # (?r): search from the end
+
+
+def _codec(encoding):
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f'unknown text encoding {encoding!r}; expected a Python codec name '
+                        'such as utf-8, latin-1 or cp1252') from None
+    # utf-8-sig decodes plain UTF-8 too and drops a leading byte-order mark.
+    return 'utf-8-sig' if name == 'utf-8' else name
+
+
+def _check_errors(errors):
+    if errors not in ERRORS:
+        raise UserError(f'--errors={errors!r}: expected one of {", ".join(ERRORS)}')
+
+
+def read_blocks(path, *, encoding='utf-8', errors='strict', block=BLOCK_BYTES):
+    """Yield (text, nbytes) for consecutive blocks of a file. UserError for a binary file (a NUL
+    byte) or bytes that are not valid in `encoding`, with the byte offset."""
+    codec = _codec(encoding)
+    _check_errors(errors)
+    decoder = codecs.getincrementaldecoder(codec)(errors)
+    check_nul = not codec.startswith(('utf-16', 'utf-32'))  # NUL bytes are normal there
+    offset = 0
+    with open(path, 'rb') as f:
+        while True:
+            data = f.read(block)
+            nul = data.find(b'\x00') if check_nul else -1
+            if nul >= 0:
+                raise UserError(f'{path} looks like a binary file (a NUL byte at byte '
+                                f'{offset + nul}); pass text files, folders of them, .csv or .npz')
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                bad = e.object[e.start:e.end].hex(' ')
+                raise UserError(
+                    f'{path} is not valid {encoding}: byte {offset - pending + e.start} is {bad}; '
+                    'convert the file, name its encoding with --encoding (e.g. latin-1), or pass '
+                    '--errors=replace to put U+FFFD in its place') from None
+            offset += len(data)
+            if text or data:
+                yield text, len(data)
+            if not data:
+                return
+
+
+def read_pieces(path, *, piece_chars=PIECE_CHARS, **kw):
+    """Yield (text, nbytes) pieces of about `piece_chars` characters whose encodings concatenate
+    to the encoding of the whole file (see cut_point); memory stays near one piece."""
+    buf, nbytes = '', 0
+    for text, n in read_blocks(path, **kw):
+        buf += text
+        nbytes += n
+        if len(buf) >= piece_chars:
+            p = cut_point(buf)
+            if p:  # else no safe cut yet (no whitespace at all): read on
+                yield buf[:p], nbytes
+                buf, nbytes = buf[p:], 0
+    if buf or nbytes:
+        yield buf, nbytes
+
+
+def read_csv(path, *, column=0, header=True, encoding='utf-8', errors='strict'):
+    """Yield (text, nbytes) for each row's cell in `column` (an index, or a header name when
+    `header`); the header row is skipped; rows with every field empty are skipped."""
+    codec = _codec(encoding)
+    _check_errors(errors)
+    # Long posts exceed the csv module's default field limit of 128 KB.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    with open(path, 'rb') as raw:
+        text = io.TextIOWrapper(raw, encoding=codec, errors=errors, newline='')
+        reader = csv.reader(_lines_without_nul(text, path))
+        done = 0
+        try:
+            index = column
+            if header:
+                names = next(reader, None)
+                if names is None:
+                    return
+                if isinstance(column, str):
+                    if column not in names:
+                        raise UserError(f'{path} has no column {column!r}; its header names '
+                                        f'{names}; pass --column=NAME or an index from 0')
+                    index = names.index(column)
+            elif isinstance(column, str):
+                raise UserError(f'--column={column!r} names a column, but --header=False says '
+                                f'{path} has no header row; pass a column index from 0')
+            if not isinstance(index, int) or index < 0:
+                raise UserError(f'--column={column!r}: expected a column index from 0 or a name')
+            for row in reader:
+                if not any(row):
+                    continue
+                if index >= len(row):
+                    raise UserError(f'{path} line {reader.line_num}: the row has {len(row)} fields'
+                                    f', no column {index}; pass --column to pick another column')
+                now = raw.tell()
+                yield row[index], now - done
+                done = now
+        except UnicodeDecodeError:
+            # TextIOWrapper's error offsets are relative to its buffer: find the true one.
+            for _ in read_blocks(path, encoding=encoding, errors='strict'):
+                pass
+            raise
+        except csv.Error as e:
+            raise UserError(f'{path} line {reader.line_num} is not valid CSV: {e}') from None
+        yield '', os.path.getsize(path) - done
+
+
+def _lines_without_nul(lines, path):
+    for n, line in enumerate(lines, 1):
+        if '\x00' in line:
+            raise UserError(f'{path} looks like a binary file (a NUL byte on line {n}); pass text'
+                            ' files, folders of them, .csv or .npz')
+        yield line
+
+
+def read_npz(path, *, n_vocab=encoder_lib.EOT_ID + 1):
+    """Yield (tokens, nbytes) for each chunk of a token .npz (ours or nshepperd's), as uint16."""
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path} is not a readable .npz token file: {e}') from None
+    with npz:
+        names = npz.files
+        for i, name in enumerate(names):
+            arr = npz[name]
+            if arr.ndim != 1 or arr.dtype.kind not in 'iu':
+                raise UserError(f'{path}: entry {name} is a {arr.dtype} array of shape {arr.shape};'
+                                ' expected 1-D integer token ids as encode.py writes')
+            if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= n_vocab):
+                raise UserError(f'{path}: entry {name} has token ids outside 0..{n_vocab - 1} '
+                                f'(min {arr.min()}, max {arr.max()}); it is not a GPT-2 token file')
+            share = os.path.getsize(path) // len(names)
+            yield arr.astype(TOKEN_DTYPE), share
+
+
+def corpus_items(paths, *, column=0, header=True, encoding='utf-8', errors='strict',
+                 piece_chars=PIECE_CHARS):
+    """The inputs as a stream of items: ('text', piece, nbytes, doc_end) for text (a file, or a
+    csv row, is one document) and ('tokens', array, nbytes) for each chunk of an .npz."""
+    kw = dict(encoding=encoding, errors=errors)
+    for path in expand_paths(paths):
+        low = path.lower()
+        if low.endswith('.npz'):
+            for arr, n in read_npz(path):
+                yield TOKENS, arr, n
+        elif low.endswith('.csv'):
+            for text, n in read_csv(path, column=column, header=header, **kw):
+                yield TEXT, text, n, True
+        else:
+            last = None
+            for piece in read_pieces(path, piece_chars=piece_chars, **kw):
+                if last:
+                    yield TEXT, *last, False
+                last = piece
+            yield TEXT, *(last or ('', 0)), True
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding in worker processes
+
+_worker = {}
+
+
+def _init_worker(model_dir, allowed, enc=None):
+    _worker['enc'] = enc or encoder_lib.get_encoder(model_dir)
+    _worker['allowed'] = allowed
+
+
+def _encode_texts(texts):
+    enc, allowed = _worker['enc'], _worker['allowed']
+    return [enc.encode_array(t, allowed_special=allowed) for t in texts]
+
+
+class _Done:
+    """A finished result, standing in for a pool's AsyncResult."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def _encoded(items, *, model_dir, enc, allowed, workers, piece_chars):
+    """`items` in order, each text replaced by its token array, encoded by `workers` processes.
+
+    Texts are grouped into tasks of about `piece_chars` characters; at most 2 tasks per worker
+    are in flight, so reading never runs far ahead of encoding (bounded memory)."""
+    pool = None
+    if workers > 1:
+        # Load the vocabulary and compile the pattern here, so forked workers inherit them.
+        encoder_lib.get_encoder(model_dir).encode_array('warm up')
+        pool = multiprocessing.get_context().Pool(workers, _init_worker, (model_dir, allowed))
+        submit = lambda texts: pool.apply_async(_encode_texts, (texts,))  # noqa: E731
+    else:
+        _init_worker(model_dir, allowed, enc)
+        submit = lambda texts: _Done(_encode_texts(texts))  # noqa: E731
+    try:
+        pending, task, size = deque(), [], 0
+
+        def flush():
+            if task:
+                pending.append((task[:], submit([it[1] for it in task])))
+                task.clear()
+
+        def ready(limit):
+            while len(pending) > limit:
+                group, result = pending.popleft()
+                if group is None:
+                    yield result.get()
+                    continue
+                for item, tokens in zip(group, result.get()):
+                    yield (TEXT, tokens, *item[2:], len(item[1]))
+
+        for item in items:
+            if item[0] == TEXT:
+                task.append(item)
+                size += len(item[1])
+                if size >= piece_chars:
+                    flush()
+                    size = 0
+            else:
+                flush()
+                size = 0
+                pending.append((None, _Done(item)))
+            yield from ready(2 * workers)
+        flush()
+        yield from ready(0)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def encode_items(items, *, model_dir=None, enc=None, combine=COMBINE, separator=True,
+                 eot_in_text=True, workers=1, piece_chars=PIECE_CHARS, progress=None):
+    """Yield (tokens, chunk_end): uint16 token arrays in corpus order, chunk_end True after the
+    last array of a chunk. Documents in a chunk are separated by <|endoftext|> (id 50256) when
+    `separator`; a chunk is closed after the document that brings it to `combine` characters;
+    an .npz chunk stays a chunk of its own. `eot_in_text`: a literal <|endoftext|> in the text
+    is that one token, else it is encoded as the 13 characters it is made of. The vocabulary is
+    `model_dir`'s (see encoder.get_encoder), or `enc` itself when encoding in this process."""
+    allowed = [encoder_lib.EOT] if eot_in_text else []
+    eot = np.array([encoder_lib.EOT_ID], TOKEN_DTYPE)
+    chars = docs = 0  # characters and documents with tokens in the open chunk
+    in_doc = False  # the current document has produced tokens
+    for item in _encoded(items, model_dir=model_dir, enc=enc, allowed=allowed, workers=workers,
+                         piece_chars=piece_chars):
+        if progress:
+            progress(item[2])
+        if item[0] == TOKENS:
+            if docs:
+                yield eot[:0], True
+                chars = docs = 0
+            yield item[1], True
+            continue
+        _, tokens, _, doc_end, nchars = item
+        if len(tokens):
+            if separator and docs and not in_doc:
+                yield eot, False
+            yield tokens.astype(TOKEN_DTYPE, copy=False), False
+            in_doc = True
+        chars += nchars
+        if doc_end:
+            docs += in_doc
+            in_doc = False
+            if docs and chars >= combine:
+                yield eot[:0], True
+                chars = docs = 0
+    if docs:
+        yield eot[:0], True
+
+
+# ---------------------------------------------------------------------------------------------
+# The .npz file
+
+
+def check_output(path, inputs=()):
+    """UserError unless `path` is a .npz in an existing folder that is none of the inputs."""
+    path = str(path)
+    if not path.endswith('.npz'):
+        raise UserError(f'the output {path!r} must end in .npz (the last argument is the output;'
+                        ' inputs come before it)')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f'the output folder {folder} does not exist; create it first')
+    real = os.path.realpath(path)
+    if any(os.path.realpath(p) == real for p in inputs if os.path.exists(p)):
+        raise UserError(f'the output {path} is also an input; choose another output name')
+    return path
+
+
+def write_npz(stream, path, *, compress=True):
+    """Write the (tokens, chunk_end) stream as an .npz with one uint16 array per chunk (arr_0,
+    arr_1, ...), streaming: a chunk larger than SPILL_BYTES waits in a temporary file, not in
+    memory. Atomic: written under a temporary name, then renamed. -> (chunks, tokens)."""
+    path = check_output(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temp_name(path)
+    chunks = total = 0
+    try:
+        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        with zipfile.ZipFile(tmp, 'w', method, allowZip64=True, compresslevel=1) as zf, \
+                tempfile.TemporaryFile(dir=folder) as spill:
+            held, held_bytes, spilled = [], 0, 0
+            for tokens, end in stream:
+                if len(tokens):
+                    held.append(tokens)
+                    held_bytes += tokens.nbytes
+                    if held_bytes > SPILL_BYTES:
+                        for t in held:
+                            spill.write(t.data)
+                        spilled += held_bytes
+                        held, held_bytes = [], 0
+                if end:
+                    n = (spilled + held_bytes) // TOKEN_DTYPE.itemsize
+                    if n:
+                        spill.seek(0)
+                        _write_entry(zf, f'arr_{chunks}.npy', n, spill, spilled, held)
+                        chunks += 1
+                        total += n
+                    spill.seek(0)
+                    spill.truncate()
+                    held, held_bytes, spilled = [], 0, 0
+        if not total:
+            raise UserError('the corpus is empty: the inputs hold no text to encode')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return chunks, total
+
+
+def temp_name(path):
+    """A hidden name beside `path` for writing it before os.replace (created with the usual
+    permissions, unlike mkstemp's 0600)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f'.{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+
+
+def _write_entry(zf, name, n, spill, spilled, held):
+    with zf.open(name, 'w', force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(
+            f, {'descr': TOKEN_DTYPE.str, 'fortran_order': False, 'shape': (n,)})
+        while spilled:
+            data = spill.read(min(spilled, BLOCK_BYTES))
+            f.write(data)
+            spilled -= len(data)
+        for tokens in held:
+            f.write(tokens.data)
+
+
+def chunks_in_memory(stream):
+    """The (tokens, chunk_end) stream as a list of int32 arrays, one per chunk."""
+    chunks, held = [], []
+    for tokens, end in stream:
+        if len(tokens):
+            held.append(tokens)
+        if end and held:
+            chunks.append(np.concatenate(held).astype(np.int32))
+            held = []
+    return chunks
+
+
+def check_workers(workers):
+    """None -> every core this process may use; else a whole number from 1."""
+    if workers is None:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:
+            return os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f'--workers={workers!r}: expected a whole number from 1')
+    return workers
+
+
+def input_bytes(paths):
+    """Total size of the files `paths` expand to (the progress bar's total)."""
+    return sum(os.path.getsize(p) for p in expand_paths(paths))
+
+
+def encode_files(paths, output, *, column=0, header=True, encoding='utf-8', errors='strict',
+                 workers=None, compress=True, progress=True, piece_chars=PIECE_CHARS, **kw):
+    """Encode text files, folders, globs, .csv and .npz inputs into the token .npz `output`.
+    `kw` goes to encode_items (model_dir, combine, separator, eot_in_text).
+    -> {'chunks', 'tokens', 'bytes', 'files'}."""
+    from tqdm import tqdm
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise UserError('no inputs: pass text files, folders, globs, .csv or .npz, then OUTPUT.npz')
+    files = expand_paths(paths)
+    check_output(output, files)
+    workers = check_workers(workers)
+    total = sum(os.path.getsize(p) for p in files)
+    if total <= piece_chars:
+        workers = 1  # one piece: starting processes would only cost time
+    items = corpus_items(files, column=column, header=header, encoding=encoding, errors=errors,
+                         piece_chars=piece_chars)
+    with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc='encoding',
+              disable=None if progress else True, leave=False) as bar:
+        stream = encode_items(items, workers=workers, piece_chars=piece_chars,
+                              progress=bar.update, **kw)
+        chunks, tokens = write_npz(stream, output, compress=compress)
+    return {'chunks': chunks, 'tokens': tokens, 'bytes': total, 'files': len(files)}
