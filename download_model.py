@@ -1,8 +1,8 @@
 """Download one of OpenAI's GPT-2 models: python download_model.py 124M"""
-from gpt2 import cli, download
+from gpt2 import cli, download, paths
 
 
-def main(model_name, models_dir=download.DEFAULT_MODELS_DIR, mirror=None, force=False):
+def main(model_name, models_dir=paths.MODELS_DIR, mirror=None, force=False):
     """Fetch a released GPT-2 into MODELS_DIR/MODEL_NAME, resuming and checking every file.
 
     Files stream into FILE.part with a progress bar, resume with HTTP Range requests after a

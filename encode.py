@@ -4,16 +4,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-from gpt2 import cli  # noqa: E402
-from gpt2 import encoding as encoding_lib  # noqa: E402
-from gpt2 import mixture as mixture_lib  # noqa: E402
-from gpt2.errors import UserError  # noqa: E402
-
-
-def _model_dir(model_name, models_dir):
-    return os.path.join(str(models_dir), str(model_name)) if model_name else None
+from gpt2 import cli, paths
+from gpt2 import encoding as encoding_lib
+from gpt2 import mixture as mixture_lib
+from gpt2.errors import UserError
 
 
 def _report(stats, output, seconds, text_out=None):
@@ -26,7 +20,7 @@ def _report(stats, output, seconds, text_out=None):
 
 def encode(*paths, combine=encoding_lib.COMBINE, separator=True, eot_in_text=True, column=0,
            header=True, encoding='utf-8', errors='strict', model_name=None,
-           models_dir=encoding_lib.MODELS_DIR, workers=None, compress=True, quiet=False):
+           models_dir=paths.MODELS_DIR, workers=None, compress=True, quiet=False):
     """Encode INPUT... into OUTPUT.npz (the last argument) of GPT-2 tokens.
 
     Usage: encode.py INPUT... OUTPUT.npz [flags]
@@ -69,7 +63,7 @@ def encode(*paths, combine=encoding_lib.COMBINE, separator=True, eot_in_text=Tru
                                      'usage: encode.py INPUT... OUTPUT.npz')
     start = time.perf_counter()
     stats = encoding_lib.encode_files(
-        inputs, output, model_dir=_model_dir(model_name, models_dir), combine=combine,
+        inputs, output, model_dir=(paths.model_dir(model_name, models_dir) if model_name else None), combine=combine,
         separator=separator, eot_in_text=eot_in_text, column=column, header=header,
         encoding=encoding, errors=errors, workers=workers, compress=compress, progress=not quiet)
     if not quiet:
@@ -78,7 +72,7 @@ def encode(*paths, combine=encoding_lib.COMBINE, separator=True, eot_in_text=Tru
 
 def mix(*paths, unit='line', min_chars=1, max_chars=None, strip_punct=False, strip_digits=False,
         until='longest', text_out=None, eot_in_text=True, encoding='utf-8', errors='strict',
-        model_name=None, models_dir=encoding_lib.MODELS_DIR, workers=None, compress=True,
+        model_name=None, models_dir=paths.MODELS_DIR, workers=None, compress=True,
         quiet=False):
     """Interleave SOURCE... unit by unit into one text, and encode it into OUTPUT.npz.
 
@@ -110,7 +104,7 @@ def mix(*paths, unit='line', min_chars=1, max_chars=None, strip_punct=False, str
         sources, output, unit=unit, min_chars=min_chars, max_chars=max_chars,
         strip_punct=strip_punct, strip_digits=strip_digits, until=until, text_out=text_out,
         encoding_name=encoding, errors=errors, workers=workers, compress=compress,
-        progress=not quiet, model_dir=_model_dir(model_name, models_dir),
+        progress=not quiet, model_dir=(paths.model_dir(model_name, models_dir) if model_name else None),
         eot_in_text=eot_in_text)
     if not quiet:
         _report(stats, output, time.perf_counter() - start, text_out)

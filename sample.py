@@ -10,12 +10,10 @@ from gpt2 import cli
 cli.quiet_tensorflow()
 
 from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import sampling, scoring  # noqa: E402
+from gpt2 import paths, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
-MODELS_DIR = 'models'
-CHECKPOINT_DIR = 'checkpoint'
-SAMPLES_DIR = 'samples'
+MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
 DELIMITER = novelty_lib.SAMPLE_DELIMITER + ' SAMPLE {} ' + novelty_lib.SAMPLE_DELIMITER
 
 
@@ -30,7 +28,7 @@ def _load_source(model_name, run_name, checkpoint_path, models_dir, checkpoint_d
         return str(checkpoint_path)
     if run_name is not None:
         return os.path.join(checkpoint_dir, str(run_name))
-    return os.path.join(models_dir, '124M' if model_name is None else str(model_name))
+    return paths.model_dir('124M' if model_name is None else model_name, models_dir)
 
 
 def _encoder(prefix):

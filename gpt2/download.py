@@ -21,15 +21,14 @@ import urllib.request
 from tqdm import tqdm
 
 from gpt2 import hparams as hparams_lib
+from gpt2 import paths
 from gpt2.errors import UserError
 
 # The address openai/gpt-2's download_model.py fetches from: a file is BASE_URL/NAME/FILE.
 BASE_URL = 'https://openaipublic.blob.core.windows.net/gpt-2/models'
 MIRROR_ENV = 'GPT2_MIRROR'
-DEFAULT_MODELS_DIR = 'models'
 MODELS = ('124M', '355M', '774M', '1558M')
-# OpenAI renamed its two first models after recounting their parameters: old name -> folder used.
-ALIASES = {'117M': '124M', '345M': '355M'}
+ALIASES = paths.ALIASES
 FILES = ('checkpoint', 'encoder.json', 'hparams.json', 'model.ckpt.data-00000-of-00001',
          'model.ckpt.index', 'model.ckpt.meta', 'vocab.bpe')
 PREFIX = 'model.ckpt'
@@ -104,7 +103,7 @@ def model_folder(models_dir, model):
     return folder
 
 
-def download(name, models_dir=DEFAULT_MODELS_DIR, *, mirror=None, force=False, retries=RETRIES,
+def download(name, models_dir=paths.MODELS_DIR, *, mirror=None, force=False, retries=RETRIES,
              backoff=BACKOFF, timeout=TIMEOUT, progress=True):
     """Fetch a released model into models_dir/NAME and check it; returns the folder.
 

@@ -19,7 +19,6 @@ import encoder as encoder_lib
 from gpt2.errors import UserError
 
 COMBINE = 50000  # characters per chunk before it is closed (nshepperd's default)
-MODELS_DIR = 'models'  # where download_model.py puts model folders
 PIECE_CHARS = 1 << 18  # characters per piece handed to a worker; bounds memory per file
 BLOCK_BYTES = 1 << 20  # bytes read from a file at a time
 SPILL_BYTES = 2 << 20  # a chunk's tokens beyond this go to a temporary file, not memory
