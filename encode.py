@@ -1,6 +1,5 @@
 #!/usr/bin/env python3
 """Encode text corpora into GPT-2 token files (.npz) for train.py, or mix several corpora."""
-import os
 import sys
 import time
 
