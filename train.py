@@ -52,7 +52,7 @@ def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_s
       --only_train_transformer_layers   freeze wte, wpe and ln_f
       --noise P                 replace each input token by a random one with probability P
       --seed N                  weights (from scratch), data order and noise (0)
-      --jit_compile             compile the step with XLA (slower on CPU)
+      --nojit_compile           run the step on TF's kernels instead of XLA (slower)
     Output:
       --save_every N (1000)  --max_checkpoints N (keep all by default)
       --sample_every N (100, 0 = never)  --sample_length N (200)  --sample_num N (1)
