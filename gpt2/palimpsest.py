@@ -1,0 +1,236 @@
+"""The palimpsest sampler: one text written by checkpoints from several moments of training.
+
+Owns the plans (schedule, cycle, walk through a run, blend), naming and loading the checkpoints
+lazily within a memory budget, and the annotation of who wrote which span. The decoding itself is
+gpt2/sampling.py's compiled loop, given another parameter tree at each span (no retrace).
+"""
+import collections
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2 import checkpoint, sampling
+from gpt2.errors import UserError
+
+DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
+MARK = '[[{}]]'            # how --annotate marks the start of a span in text output
+
+
+# ---- plans: lists of (first new-token index, checkpoint names, weights) ----
+
+def _items(value, flag):
+    # fire turns "a,b" into a string but "60,200" into a tuple: accept both.
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        items = [s for s in str(value).split(',')]
+    items = [s.strip() for s in items]
+    if not items or any(not s for s in items):
+        raise UserError(f'{flag} {value!r} has an empty entry; give comma-separated entries')
+    return items
+
+
+def parse_schedule(value):
+    """'0:model-60,40:model-200' -> [(0, 'model-60'), (40, 'model-200')]."""
+    out = []
+    for item in _items(value, '--schedule'):
+        pos, sep, name = item.partition(':')
+        if not sep or not pos.strip().isdigit() or not name.strip():
+            raise UserError(f'--schedule entry {item!r} is not POSITION:CHECKPOINT; expected e.g. '
+                            '"0:model-60,40:model-200" (positions count generated tokens)')
+        out.append((int(pos), name.strip()))
+    if out[0][0] != 0:
+        raise UserError(f'--schedule must start at position 0 (got {out[0][0]}): say which '
+                        'checkpoint writes the first token, e.g. "0:model-60,..."')
+    positions = [p for p, _ in out]
+    if positions != sorted(set(positions)):
+        raise UserError(f'--schedule positions must increase, got {positions}')
+    return out
+
+
+def cycle_plan(names, every, length):
+    """Rotate through `names`, `every` tokens each, until `length`."""
+    _check_every(every)
+    return [(i, names[(i // every) % len(names)]) for i in range(0, max(length, 1), every)]
+
+
+def walk_plan(names, every):
+    """Each of `names` in order for `every` tokens; the last one writes whatever remains."""
+    _check_every(every)
+    return [(i * every, n) for i, n in enumerate(names)]
+
+
+def parse_blend(value):
+    """'model-60:0.3,model-400:0.7' -> [('model-60', 0.3), ('model-400', 0.7)], normalised."""
+    out = []
+    for item in _items(value, '--blend'):
+        name, sep, w = item.rpartition(':')
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = None
+        if not sep or not name or weight is None or not weight >= 0:
+            raise UserError(f'--blend entry {item!r} is not CHECKPOINT:WEIGHT with a weight >= 0; '
+                            'expected e.g. "model-60:0.3,model-400:0.7"')
+        out.append((name, weight))
+    total = sum(w for _, w in out)
+    if total <= 0:
+        raise UserError(f'--blend weights sum to {total}; give at least one positive weight')
+    return [(n, w / total) for n, w in out]
+
+
+def _check_every(every):
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise UserError(f'--every must be a whole number of tokens >= 1, got {every!r}')
+
+
+# ---- naming and loading checkpoints ----
+
+def resolve_name(name, run_dir=None):
+    """A checkpoint named by step within run_dir ('model-60' or '60') or by path -> prefix."""
+    name = str(name)
+    candidates = []
+    if run_dir is not None:
+        candidates.append(os.path.join(run_dir, f'model-{name}' if name.isdigit() else name))
+    candidates.append(name)
+    for c in candidates:
+        if os.path.isfile(c + '.index') or os.path.isdir(c):
+            return checkpoint.resolve(c)
+    where = f' in {run_dir}' if run_dir else ''
+    have = ''
+    if run_dir is not None and os.path.isdir(run_dir):
+        steps = [os.path.basename(p) for p in checkpoint.list_checkpoints(run_dir)]
+        have = f' (it has: {", ".join(steps) or "nothing"})'
+    raise UserError(f'no checkpoint {name!r}{where}{have}; name one by step (60 or model-60) '
+                    'within --run_name, or by path')
+
+
+def all_steps(run_dir):
+    """Every checkpoint of a run, oldest first (for --steps all)."""
+    found = checkpoint.list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f'{run_dir} holds no checkpoints to walk through')
+    return found
+
+
+def check_same_hparams(prefixes):
+    """Every checkpoint must have the same hparams (else one compiled loop cannot serve them);
+    returns them. Reads only hparams.json and the variable shapes, not the weights."""
+    first, first_hp = None, None
+    for p in prefixes:
+        hp = checkpoint.find_hparams(p)
+        if hp is None:
+            raise UserError(f'no hparams.json beside {p}; every palimpsest checkpoint needs one')
+        try:
+            found = tf.train.load_checkpoint(p).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError) as e:
+            raise UserError(f'cannot read checkpoint {p}: {e}') from None
+        checkpoint.check_names(checkpoint.shapes(hp), found, source=p, hparams=hp)
+        if first_hp is None:
+            first, first_hp = p, hp
+        elif hp != first_hp:
+            raise UserError(f'checkpoint {p} has hparams {hp.to_dict()}, but {first} has '
+                            f'{first_hp.to_dict()}; a palimpsest needs checkpoints of one model '
+                            'shape (the same run, or runs fine-tuned from the same model)')
+    return first_hp
+
+
+class Store:
+    """Parameter trees loaded on first use and dropped least-recently-used past a byte budget."""
+
+    def __init__(self, hparams, budget_mb=DEFAULT_BUDGET_MB):
+        self.hparams = hparams
+        self.budget = budget_mb * (1 << 20)
+        self.trees = collections.OrderedDict()
+        self.loads = 0
+
+    def get(self, prefix):
+        if prefix in self.trees:
+            self.trees.move_to_end(prefix)
+            return self.trees[prefix][0]
+        params, _, _ = checkpoint.load_params(prefix, self.hparams)
+        size = sum(np.asarray(x).nbytes for x in tf.nest.flatten(params))
+        while self.trees and sum(n for _, n in self.trees.values()) + size > self.budget:
+            self.trees.popitem(last=False)  # the least recently used
+        self.trees[prefix] = (sampling.as_tensors(params), size)
+        self.loads += 1
+        return self.trees[prefix][0]
+
+
+# ---- running a plan ----
+
+def run(hparams, plan, store, *, prompts, batch_size, length, cache='keep', blend=None, **controls):
+    """Sample with checkpoints taking over at the plan's positions.
+
+    `plan` is [(first new-token index, prefix)] sorted from 0, or None with `blend`
+    [(prefix, weight)]. `cache` 'keep' leaves the keys/values earlier checkpoints wrote in the
+    cache (later tokens read the text as those moments understood it), 'recompute' re-reads the
+    text with each new checkpoint. Returns {'tokens', 'texts', 'spans'}, spans per sample being
+    [(first token, end token, prefix)].
+    """
+    if cache not in ('keep', 'recompute'):
+        raise UserError(f'--cache must be keep or recompute, got {cache!r}')
+    if blend:
+        prefixes = [p for p, _ in blend]
+        spans = [(0, lambda: tuple(store.get(p) for p in prefixes),
+                  tuple(w for _, w in blend))]
+        plan = [(0, '+'.join(f'{_short(p)}:{w:g}' for p, w in blend))]
+    else:
+        spans = [(pos, _getter(store, p), (1.0,)) for pos, p in plan]
+    out = sampling.run_spans(hparams, spans, prompts=prompts, batch_size=batch_size,
+                             length=length, recompute=cache == 'recompute', **controls)
+    out['spans'] = []
+    for toks in out['tokens']:
+        bounds = [pos for pos, _ in plan] + [length]
+        out['spans'].append([(a, min(b, len(toks)), p) for (a, p), b in zip(plan, bounds[1:])
+                             if a < len(toks)])
+    return out
+
+
+def _getter(store, prefix):
+    return lambda: (store.get(prefix),)
+
+
+def _short(prefix):
+    return os.path.basename(prefix)
+
+
+def annotate(tokens, spans, decode_text, *, text=None):
+    """(text with MARK before each span, [{checkpoint, tokens [a, b), chars [a, b), text}])."""
+    parts, records = [], []
+    full = text if text is not None else decode_text(tokens)
+    for a, b, prefix in spans:
+        ca = len(decode_text(tokens[:a]))
+        cb = len(full) if b >= len(tokens) else len(decode_text(tokens[:b]))
+        cb = min(cb, len(full))
+        ca = min(ca, cb)
+        piece = full[ca:cb]
+        parts.append(MARK.format(_short(prefix)) + piece)
+        records.append({'checkpoint': prefix, 'tokens': [a, b], 'chars': [ca, cb],
+                        'text': piece})
+    return ''.join(parts), records
+
+
+def output_name(kind, description, *, seed, temperature):
+    """A file name recording what regenerates the text: plan, seed and temperature."""
+    slug = re.sub(r'[^A-Za-z0-9._+-]+', '_', description).strip('_')
+    if len(slug) > 80:
+        slug = slug[:60] + '-' + hashlib.sha1(description.encode()).hexdigest()[:10]
+    return f'{kind}-{slug}-seed{seed}-t{temperature:g}'
+
+
+def write_atomic(path, text):
+    """Write a file under a temporary name, then rename it into place."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + '\n')

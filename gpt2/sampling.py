@@ -1,0 +1,463 @@
+"""Autoregressive sampling: logit filters, a compiled chunked decode loop, and the driver around it.
+
+The decode loop is built once per (hparams, batch, cache length, filter kinds) and takes the
+parameter tree(s) as arguments, so the tree can change at any token boundary without a retrace:
+plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per span.
+"""
+import functools
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2 import model
+from gpt2.errors import UserError
+
+EOT_ID = 50256            # <|endoftext|>: unconditional samples start from it
+DEFAULT_LENGTH = 100
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 0         # 0 = off
+DEFAULT_TOP_P = 1.0       # 1 = off
+DEFAULT_PENALTY = 1.0     # 1 = off
+DEFAULT_CHUNK = 32        # tokens per call of the compiled loop (stop strings are checked between)
+SLIDE_KEEP = 0.75         # past n_ctx, the window keeps this fraction of n_ctx as context
+CACHE_ROUND = 32          # cache lengths round up to this, so nearby lengths share a compile
+PAD = -1                  # what a finished row emits
+
+
+# ---- filters: pure functions on logits [batch, n_vocab] ----
+
+def apply_penalty(logits, seen, penalty):
+    """CTRL's repetition penalty: tokens already in the text get logit / penalty when positive and
+    logit * penalty when negative, so penalty > 1 always makes them less likely."""
+    penalised = tf.where(logits > 0, logits / penalty, logits * penalty)
+    return tf.where(seen, penalised, logits)
+
+
+def _sorted_desc(logits, k):
+    # The top k values in descending order, or every value when k is 0.
+    if k > 0:
+        return tf.math.top_k(logits, k=k, sorted=True).values
+    return tf.sort(logits, axis=-1, direction='DESCENDING')
+
+
+def top_k_logits(logits, k):
+    """Keep the k largest logits (ties with the k-th are kept too); k = 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = tf.math.top_k(logits, k=k, sorted=True).values[:, -1:]
+    return tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
+
+
+def top_p_logits(logits, p, *, k=0):
+    """Nucleus filter: keep the most likely tokens whose probabilities, summed in descending order,
+    first reach p (the most likely token is always kept). `k` > 0 says only the top k can be
+    nonzero already (after top_k_logits), which spares a full sort of the vocabulary."""
+    k = 0 if k >= logits.shape[-1] else k
+    desc = _sorted_desc(logits, k)                              # [batch, k or n_vocab]
+    before = tf.math.cumsum(tf.nn.softmax(desc), axis=-1, exclusive=True)
+    n_keep = tf.reduce_sum(tf.cast(before < p, tf.int32), axis=-1)
+    n_keep = tf.maximum(n_keep, 1)
+    threshold = tf.gather(desc, n_keep - 1, batch_dims=1)       # [batch]
+    return tf.where(logits < threshold[:, None], tf.constant(-np.inf, logits.dtype), logits)
+
+
+def filter_logits(logits, *, temperature, top_k=0, top_p=None):
+    """Temperature, then top-k, then top-p on the tempered and top-k-renormalised distribution
+    (Hugging Face's order). `temperature` must be > 0 here (0 means greedy, handled by choose)."""
+    logits = logits / temperature
+    logits = top_k_logits(logits, top_k)
+    if top_p is not None:
+        logits = top_p_logits(logits, top_p, k=top_k)
+    return logits
+
+
+def mix_logits(logits_list, weights):
+    """log of the weighted mixture of the softmax distributions (weights sum to 1); a weight of 0
+    drops a model entirely."""
+    if len(logits_list) == 1:
+        return logits_list[0]
+    logp = tf.stack([tf.nn.log_softmax(l) for l in logits_list])   # [models, batch, n_vocab]
+    logw = tf.math.log(tf.cast(weights, logp.dtype))[:, None, None]
+    return tf.reduce_logsumexp(logp + logw, axis=0)
+
+
+# ---- counter-based noise: the same sample whatever the batch it runs in ----
+
+def _hash32(x):
+    # lowbias32 (Chris Wellons): a well-mixed 32-bit integer hash, cheap on a whole vocabulary.
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
+    x = x * tf.constant(0x7feb352d, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(15, tf.uint32)))
+    x = x * tf.constant(0x846ca68b, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
+
+
+def gumbel_noise(seed, rows, step, n_vocab):
+    """[batch, n_vocab] Gumbel noise keyed on (seed [2] uint32, row id [batch], step): argmax of
+    logits + noise is a draw from softmax(logits), and a row's draws do not depend on its batch."""
+    seed = tf.cast(seed, tf.uint32)
+    h = _hash32(seed[0] ^ _hash32(seed[1] + tf.constant(0x9e3779b9, tf.uint32)))
+    h = _hash32(h ^ tf.cast(rows, tf.uint32))
+    h = _hash32(h ^ _hash32(tf.cast(step, tf.uint32) + tf.constant(0x85ebca6b, tf.uint32)))
+    v = tf.cast(tf.range(n_vocab), tf.uint32) * tf.constant(0x9e3779b9, tf.uint32)
+    x = _hash32(_hash32(h[:, None] ^ v[None, :]))
+    u = (tf.cast(tf.bitwise.right_shift(x, tf.constant(8, tf.uint32)), tf.float32) + 0.5) / 2 ** 24
+    return -tf.math.log(-tf.math.log(u))
+
+
+def choose(logits, *, temperature, top_k, top_p, noise):
+    """One token per row [batch] int32: argmax when temperature is 0, else a filtered draw.
+    `noise` is a function returning the Gumbel noise, called only when drawing."""
+    def greedy():
+        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+    def drawn():
+        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        return tf.argmax(filtered + noise(), axis=-1, output_type=tf.int32)
+
+    return tf.cond(temperature > 0, drawn, greedy)
+
+
+# ---- the compiled chunk loop ----
+
+@functools.lru_cache(maxsize=16)
+def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, top_k=0,
+                 top_p=False, penalty=False, jit_compile=None):
+    """A compiled loop that writes up to `chunk` tokens per call, built once per these arguments.
+
+    Call it as decode(params, state, n, controls): `params` a tuple of n_models trees (swap them
+    freely: same shapes, no retrace), `state` a dict (see Decoder), `n` the tokens to write (a
+    tensor <= chunk), `controls` a dict of tensors (temperature, top_p, penalty, seed, weights,
+    stop_mask). Returns (tokens [batch, chunk] with PAD past n or after a stop, new state).
+    `.tracing_count()` reports traces.
+    """
+    top_k = 0 if top_k >= hparams.n_vocab else top_k
+
+    @tf.function(jit_compile=jit_compile)
+    def decode(params, state, n, controls):
+        start, rows = state['start'], state['rows']
+        out = tf.fill([batch, chunk], PAD)
+        cols = tf.range(chunk)[None, :]
+
+        def body(i, caches, last, pos, step, seen, done, out):
+            logits_list, new_caches = [], []
+            for p, c in zip(params, caches):
+                lg, c = model.forward(hparams, p, last[:, None], cache=c, pos=pos, start=start)
+                logits_list.append(lg[:, -1])
+                new_caches.append(c)
+            logits = mix_logits(logits_list, controls['weights'])
+            if penalty:
+                logits = apply_penalty(logits, seen, controls['penalty'])
+            noise = lambda: gumbel_noise(controls['seed'], rows, step, hparams.n_vocab)  # noqa
+            tok = choose(logits, temperature=controls['temperature'], top_k=top_k,
+                         top_p=controls['top_p'] if top_p else None, noise=noise)
+            out = tf.where(cols == i, tf.where(done, PAD, tok)[:, None], out)
+            seen = seen | tf.cast(tf.one_hot(tok, hparams.n_vocab, dtype=tf.int8), tf.bool)
+            done = done | tf.gather(controls['stop_mask'], tok)
+            return i + 1, tuple(new_caches), tok, pos + 1, step + 1, seen, done, out
+
+        def cond(i, caches, last, pos, step, seen, done, out):
+            return (i < n) & ~tf.reduce_all(done)
+
+        _, caches, last, pos, step, seen, done, out = tf.while_loop(
+            cond, body, (tf.constant(0), tuple(state['caches']), state['last'], state['pos'],
+                         state['step'], state['seen'], state['done'], out),
+            maximum_iterations=chunk)
+        new = dict(state, caches=caches, last=last, pos=pos, step=step, seen=seen, done=done)
+        return out, new
+
+    decode.tracing_count = decode.experimental_get_tracing_count
+    return decode
+
+
+@functools.lru_cache(maxsize=16)
+def _make_prefill(hparams, *, jit_compile=None):
+    @tf.function(jit_compile=jit_compile)
+    def prefill(params, tokens, cache, start):
+        _, cache = model.forward(hparams, params, tokens, cache=cache, pos=0, start=start)
+        return cache
+    return prefill
+
+
+def _bucket(n, cap):
+    # Prefill lengths round up to a power of two so a few compiles serve every prompt length.
+    b = 16
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+def as_tensors(params):
+    """Leaves that are NumPy become constant tensors (once, not on every call); tensors and
+    variables pass through."""
+    return tf.nest.map_structure(
+        lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), params)
+
+
+class Decoder:
+    """Drives the compiled loop for one batch of rows: prefill, chunks, sliding past n_ctx.
+
+    `rows` hold every token of each row's text so far (prompt, then generated); the cache holds
+    all of them right-aligned to a common end except each row's last, which the next step feeds.
+    """
+
+    def __init__(self, hparams, batch, length, *, n_models=1, top_k=0, top_p=False,
+                 penalty=False, chunk=DEFAULT_CHUNK, jit_compile=None):
+        self.hparams, self.batch, self.length = hparams, batch, length
+        self.n_models = n_models
+        self.decode = make_decoder(hparams, batch, length, chunk=chunk, n_models=n_models,
+                                   top_k=top_k, top_p=top_p, penalty=penalty,
+                                   jit_compile=jit_compile)
+        self.prefill_fn = _make_prefill(hparams, jit_compile=jit_compile)
+        self.chunk = chunk
+        self.state = None
+
+    def prefill(self, params, rows, *, row_ids, steps=None, done=None):
+        """(Re)build the cache from `rows` (lists of ids, at most `length` each) with `params`
+        (a tuple of n_models trees). Keeps the per-row generation counters in `steps`."""
+        hp, b, L = self.hparams, self.batch, self.length
+        assert len(rows) == b and all(1 <= len(r) <= L for r in rows)
+        end = max(len(r) for r in rows)
+        n = _bucket(end - 1, L) if end > 1 else 0
+        tokens = np.zeros([b, max(n, 1)], np.int32)
+        start = np.zeros([b], np.int32)
+        last = np.zeros([b], np.int32)
+        seen = np.zeros([b, hp.n_vocab], bool)
+        for i, r in enumerate(rows):
+            start[i] = end - len(r)
+            tokens[i, start[i]:end - 1] = r[:-1]
+            last[i] = r[-1]
+            seen[i, r] = True
+        caches = []
+        for p in params:
+            cache = model.empty_cache(hp, b, L)
+            if n:
+                cache = self.prefill_fn(p, tf.constant(tokens[:, :n]), cache, tf.constant(start))
+            caches.append(cache)
+        self.state = {
+            'caches': tuple(caches), 'last': tf.constant(last), 'pos': tf.constant(end - 1),
+            'step': tf.constant(0 if steps is None else steps, tf.int32),
+            'seen': tf.constant(seen), 'start': tf.constant(start),
+            'done': tf.constant(np.zeros([b], bool) if done is None else done),
+            'rows': tf.constant(np.asarray(row_ids, np.int32)),
+        }
+
+    def room(self):
+        """Tokens that fit before the cache is full."""
+        return self.length - int(self.state['pos'])
+
+    def run(self, params, n, controls):
+        """Write n tokens (n <= chunk and <= room()); returns [batch, n] ids, PAD when finished."""
+        assert 0 < n <= min(self.chunk, self.room())
+        out, self.state = self.decode(tuple(params), self.state, tf.constant(n, tf.int32),
+                                      controls)
+        return out.numpy()[:, :n]
+
+
+# ---- the public entry points ----
+
+def check_controls(*, length, temperature, top_k, top_p, repetition_penalty, nsamples=1,
+                   batch_size=1):
+    """Raise UserError for values no sampler can use."""
+    problems = []
+    if not isinstance(length, int) or length < 0:
+        problems.append(f'--length must be a whole number >= 0, got {length!r}')
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        problems.append(f'--temperature must be >= 0 (0 = greedy), got {temperature!r}')
+    if not isinstance(top_k, int) or top_k < 0:
+        problems.append(f'--top_k must be a whole number >= 0 (0 = off), got {top_k!r}')
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        problems.append(f'--top_p must be in (0, 1] (1 = off), got {top_p!r}')
+    if not isinstance(repetition_penalty, (int, float)) or repetition_penalty <= 0:
+        problems.append(f'--repetition_penalty must be > 0 (1 = off; CTRL used 1.2), '
+                        f'got {repetition_penalty!r}')
+    if not isinstance(nsamples, int) or nsamples < 1:
+        problems.append(f'--nsamples must be a whole number >= 1, got {nsamples!r}')
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f'--batch_size must be a whole number >= 1, got {batch_size!r}')
+    if problems:
+        raise UserError('; '.join(problems))
+
+
+def new_seed():
+    """A fresh random seed, to be printed so the run can be repeated."""
+    return int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+
+
+def seed_pair(seed):
+    # Any Python int -> two uint32 words for the noise hash.
+    seed = int(seed) % (1 << 64)
+    return np.array([seed & 0xffffffff, seed >> 32], np.uint32)
+
+
+def make_controls(hparams, *, temperature, top_p, repetition_penalty, seed, stop_ids=(),
+                  weights=(1.0,)):
+    stop_mask = np.zeros([hparams.n_vocab], bool)
+    for t in stop_ids:
+        stop_mask[t] = True
+    return {
+        'temperature': tf.constant(float(temperature), tf.float32),
+        'top_p': tf.constant(float(top_p), tf.float32),
+        'penalty': tf.constant(float(repetition_penalty), tf.float32),
+        'seed': tf.constant(seed_pair(seed)),
+        'weights': tf.constant(np.asarray(weights, np.float32)),
+        'stop_mask': tf.constant(stop_mask),
+    }
+
+
+def cache_length(hparams, needed):
+    """Cache slots for a run needing `needed` tokens: rounded up, at most n_ctx."""
+    return min(hparams.n_ctx, -(-needed // CACHE_ROUND) * CACHE_ROUND)
+
+
+def start_token(hparams):
+    """<|endoftext|>, or the last id of a smaller test vocabulary."""
+    return EOT_ID if hparams.n_vocab > EOT_ID else hparams.n_vocab - 1
+
+
+def check_prompts(hparams, prompts, *, slide=True):
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f'prompt {i + 1} is empty: give at least one token (or none at all '
+                            'for unconditional samples)')
+        bad = [t for t in p if not 0 <= t < hparams.n_vocab]
+        if bad:
+            raise UserError(f'prompt {i + 1} has token ids outside the vocabulary '
+                            f'(0..{hparams.n_vocab - 1}): {bad[:5]}')
+        if len(p) > hparams.n_ctx and not slide:
+            raise UserError(f'prompt {i + 1} is {len(p)} tokens, longer than the model\'s context '
+                            f'n_ctx={hparams.n_ctx}; shorten it or allow sliding')
+
+
+def window(row, hparams):
+    """The tail of a row that the model reads after the cache fills: SLIDE_KEEP of n_ctx."""
+    keep = max(1, int(hparams.n_ctx * SLIDE_KEEP))
+    return row[-keep:]
+
+
+def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
+             length=DEFAULT_LENGTH, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
+             top_p=DEFAULT_TOP_P, seed=None, repetition_penalty=DEFAULT_PENALTY, stop_ids=(),
+             jit_compile=None, progress=None):
+    """Sample `nsamples` continuations; returns the NEW token ids of each (a list of lists).
+
+    `prompts` is a list of token-id lists, one per sample (None: unconditional, from
+    <|endoftext|>); a row ends early at any id in `stop_ids` (not included). Sample i uses noise
+    keyed on (seed, i, step), so it is the same whatever the batch size. Lengths past n_ctx slide
+    the context window. See plan.run_spans for checkpoint swaps.
+    """
+    check_controls(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, nsamples=nsamples,
+                   batch_size=batch_size)
+    if prompts is None:
+        prompts = [[start_token(hparams)]] * nsamples
+    if len(prompts) != nsamples:
+        raise UserError(f'got {len(prompts)} prompts for nsamples={nsamples}; give one per sample')
+    prompts = [list(map(int, p)) for p in prompts]
+    check_prompts(hparams, prompts)
+    seed = new_seed() if seed is None else seed
+    spans = [(0, (as_tensors(params),), (1.0,))]
+    return run_spans(hparams, spans, prompts=prompts, batch_size=batch_size, length=length,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     repetition_penalty=repetition_penalty, stop_ids=stop_ids,
+                     jit_compile=jit_compile, progress=progress)['tokens']
+
+
+def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k, top_p, seed,
+              repetition_penalty=DEFAULT_PENALTY, stop_ids=(), stop_strings=(), decode_text=None,
+              recompute=False, jit_compile=None, progress=None, chunk=DEFAULT_CHUNK,
+              on_span=None):
+    """The driver shared by plain and palimpsest sampling.
+
+    `spans` is a list of (first new-token index, tuple of param trees, weights), sorted, the first
+    at 0: from that index on, tokens come from those trees (a mixture when more than one). With
+    `recompute`, the cache is rebuilt from the text with the new trees at each span; otherwise it
+    keeps what earlier trees wrote (a tree count change always rebuilds). Rows end at `stop_ids`
+    inside the loop and at `stop_strings` (needs `decode_text`) between chunks.
+    Returns {'tokens': new ids per sample, 'texts': decoded and cut at stop strings or None,
+    'tracing_count': traces of the compiled loop so far}.
+    """
+    n_models = len(spans[0][2])
+    assert spans[0][0] == 0 and all(len(s[2]) == n_models for s in spans)
+    need = max(len(p) for p in prompts) + length
+    L = cache_length(hparams, need)
+    dec = Decoder(hparams, batch_size, L, n_models=n_models, top_k=top_k, top_p=top_p < 1,
+                  penalty=repetition_penalty != 1, chunk=chunk, jit_compile=jit_compile)
+    results, texts = [], []
+    bounds = [s[0] for s in spans[1:]] + [length]
+    for b0 in range(0, len(prompts), batch_size):
+        ids = list(range(b0, min(b0 + batch_size, len(prompts))))
+        rows = [list(prompts[i]) for i in ids]
+        rows += [list(rows[0]) for _ in range(batch_size - len(ids))]  # padding rows, dropped
+        row_ids = ids + [len(prompts) + j for j in range(batch_size - len(ids))]
+        gen = [[] for _ in rows]
+        ended = np.array([False] * len(ids) + [True] * (batch_size - len(ids)))
+        cut = [None] * batch_size
+        done_steps = 0
+        span_i = 0
+        dec.prefill(_trees(spans[0]), [window(r, hparams) if len(r) > L else r for r in rows],
+                    row_ids=row_ids, done=ended)
+        while done_steps < length and not ended.all():
+            while span_i + 1 < len(spans) and spans[span_i + 1][0] <= done_steps:
+                span_i += 1
+                if recompute:
+                    _rebuild(dec, _trees(spans[span_i]), rows, gen, row_ids, done_steps, ended, L,
+                             hparams)
+            if on_span is not None:
+                on_span(span_i, done_steps)
+            if dec.room() == 0:
+                _rebuild(dec, _trees(spans[span_i]), rows, gen, row_ids, done_steps, ended, L,
+                         hparams)
+            n = min(dec.chunk, dec.room(), bounds[span_i] - done_steps)
+            controls = make_controls(hparams, temperature=temperature, top_p=top_p,
+                                     repetition_penalty=repetition_penalty, seed=seed,
+                                     stop_ids=stop_ids, weights=spans[span_i][2])
+            out = dec.run(_trees(spans[span_i]), n, controls)
+            for r in range(batch_size):
+                if ended[r]:
+                    continue
+                toks = out[r]
+                if (toks == PAD).any():
+                    toks = toks[:int(np.argmax(toks == PAD))]
+                stop_at = next((k for k, t in enumerate(toks) if t in stop_ids), None)
+                if stop_at is not None:
+                    gen[r] += toks[:stop_at].tolist()
+                    rows[r] += toks[:stop_at + 1].tolist()
+                    ended[r] = True
+                    continue
+                gen[r] += toks.tolist()
+                rows[r] += toks.tolist()
+                if stop_strings and decode_text is not None:
+                    text = decode_text(gen[r])
+                    hits = [text.find(s) for s in stop_strings if s in text]
+                    if hits:
+                        cut[r] = min(hits)
+                        ended[r] = True
+            done_steps += n
+            if progress is not None:
+                progress(n)
+        for r in range(len(ids)):
+            if cut[r] is not None:
+                text = decode_text(gen[r])[:cut[r]]
+                k = len(gen[r])
+                while k and len(decode_text(gen[r][:k])) > cut[r]:
+                    k -= 1
+                gen[r] = gen[r][:k]
+                texts.append(text)
+            else:
+                texts.append(decode_text(gen[r]) if decode_text is not None else None)
+            results.append(gen[r])
+    return {'tokens': results, 'texts': texts, 'tracing_count': dec.decode.tracing_count()}
+
+
+def _trees(span):
+    # A span's trees, or a function that loads them on first use (the palimpsest's Store).
+    return span[1]() if callable(span[1]) else span[1]
+
+
+def _rebuild(dec, params, rows, gen, row_ids, steps, ended, L, hparams):
+    # Re-read each row's text with `params`: for recompute mode, and to slide past a full cache.
+    keep = [window(r, hparams) if len(r) >= L else r for r in rows]
+    dec.prefill(params, keep, row_ids=row_ids, steps=steps, done=ended.copy())

@@ -1,0 +1,281 @@
+"""Sampling: filters on hand-made logits, decode against full-forward oracles, sample.py."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt2 import checkpoint, model, sampling
+from gpt2.errors import UserError
+
+
+@pytest.fixture
+def params(tiny):
+    return sampling.as_tensors(model.init_params(tiny, seed=1))
+
+
+def full_logits(hp, params, toks):
+    logits, _ = model.forward(hp, params, tf.constant([toks], tf.int32))
+    return logits[0, -1].numpy()
+
+
+# ---- filters ----
+
+def test_top_k_keeps_k_largest():
+    logits = tf.constant([[1.0, 5.0, 3.0, -2.0, 4.0]])
+    out = sampling.top_k_logits(logits, 2).numpy()[0]
+    assert np.isfinite(out).tolist() == [False, True, False, False, True]
+    assert sampling.top_k_logits(logits, 0).numpy().tolist() == logits.numpy().tolist()
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = np.array([[0.5, 0.05, 0.3, 0.15]])
+    logits = tf.constant(np.log(probs), tf.float32)
+    keep = lambda p, k=0: np.isfinite(sampling.top_p_logits(  # noqa: E731
+        logits if not k else sampling.top_k_logits(logits, k), p, k=k).numpy()[0]).tolist()
+    assert keep(0.5) == [True, False, False, False]       # the top token alone reaches 0.5
+    assert keep(0.51) == [True, False, True, False]
+    assert keep(0.81) == [True, False, True, True]
+    assert keep(1.0) == [True, True, True, True]
+    assert keep(0.01) == [True, False, False, False]      # the most likely is always kept
+    # With top_k, top_p reads the renormalised top-k distribution: 0.5/0.8 = 0.625 alone.
+    assert keep(0.6, k=2) == [True, False, False, False]
+    assert keep(0.7, k=2) == [True, False, True, False]
+
+
+def test_repetition_penalty_ctrl_rule_negative_logits():
+    logits = tf.constant([[2.0, -2.0, 1.0, -1.0]])
+    seen = tf.constant([[True, True, False, False]])
+    out = sampling.apply_penalty(logits, seen, 2.0).numpy()[0]
+    assert out.tolist() == [1.0, -4.0, 1.0, -1.0]    # both seen tokens become less likely
+
+
+def test_filter_order_temperature_then_top_k_then_top_p():
+    logits = tf.constant([[2.0, 1.0, 0.0, -1.0]])
+    out = sampling.filter_logits(logits, temperature=tf.constant(0.5), top_k=3,
+                                 top_p=tf.constant(0.9)).numpy()[0]
+    p = np.exp([4.0, 2.0, 0.0])
+    p /= p.sum()                                          # [0.867, 0.117, 0.016]
+    assert np.isfinite(out).tolist() == [True, True, False, False]
+    assert np.allclose(out[:2], [4.0, 2.0])
+
+
+def test_mixture_probabilities_equal_weighted_mixture():
+    a = tf.constant([[1.0, 2.0, 0.5]])
+    b = tf.constant([[-1.0, 0.0, 3.0]])
+    mixed = sampling.mix_logits([a, b], tf.constant([0.3, 0.7]))
+    want = 0.3 * tf.nn.softmax(a) + 0.7 * tf.nn.softmax(b)
+    assert np.allclose(tf.nn.softmax(mixed).numpy(), want.numpy(), atol=1e-6)
+    one = sampling.mix_logits([a, b], tf.constant([1.0, 0.0]))
+    assert np.allclose(tf.nn.softmax(one).numpy(), tf.nn.softmax(a).numpy(), atol=1e-6)
+
+
+def test_draws_follow_the_filtered_distribution_chi_square():
+    n, vocab = 20000, 8
+    logits = tf.constant(np.log([[0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]]), tf.float32)
+    rows = tf.range(n)
+    noise = lambda: sampling.gumbel_noise(np.array([7, 0], np.uint32), rows, 3, vocab)  # noqa
+    t, k = 0.8, 5
+    toks = sampling.choose(tf.tile(logits, [n, 1]), temperature=tf.constant(t), top_k=k,
+                           top_p=None, noise=noise).numpy()
+    p = np.exp(logits.numpy()[0] / t)
+    p[k:] = 0
+    p /= p.sum()
+    counts = np.bincount(toks, minlength=vocab)
+    assert counts[k:].sum() == 0                          # filtered tokens are never drawn
+    chi2 = (((counts[:k] - n * p[:k]) ** 2) / (n * p[:k])).sum()
+    assert chi2 < 18.47                                   # df=4, p=0.001
+
+
+def test_noise_is_keyed_on_seed_row_and_step():
+    g = lambda s, r, st: sampling.gumbel_noise(  # noqa: E731
+        sampling.seed_pair(s), tf.constant(r), st, 50).numpy()
+    assert np.allclose(g(1, [0, 1], 0)[1], g(1, [1], 0)[0], rtol=1e-6)  # vector log: 1 ulp
+    assert not np.array_equal(g(1, [0], 0), g(2, [0], 0))
+    assert not np.array_equal(g(1, [0], 0), g(1, [0], 1))
+    assert not np.array_equal(g(1, [0], 0), g(1, [1], 0))
+
+
+# ---- decoding against the full forward ----
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_greedy_equals_argmax_of_full_forward(tiny, params, jit):
+    prompts = [[1, 2, 3, 4], [5]]
+    out = sampling.generate(tiny, params, prompts=prompts, nsamples=2, batch_size=2, length=12,
+                            temperature=0, jit_compile=jit)
+    for prompt, new in zip(prompts, out):
+        toks = list(prompt)
+        for _ in range(12):
+            toks.append(int(np.argmax(full_logits(tiny, params, toks))))
+        assert new == toks[len(prompt):]
+
+
+def test_sampling_with_cache_equals_full_recompute(tiny, params):
+    """Cache on equals cache off: the same draws as recomputing the whole text every step."""
+    seed, k, t, top_p = 11, 20, 0.9, 0.8
+    out = sampling.generate(tiny, params, prompts=[[3, 1]], length=10, temperature=t, top_k=k,
+                            top_p=top_p, seed=seed, repetition_penalty=1.3)
+    toks = [3, 1]
+    for step in range(10):
+        logits = tf.constant(full_logits(tiny, params, toks)[None])
+        seen = np.zeros([1, tiny.n_vocab], bool)
+        seen[0, toks] = True
+        logits = sampling.apply_penalty(logits, tf.constant(seen), 1.3)
+        noise = lambda: sampling.gumbel_noise(sampling.seed_pair(seed), tf.constant([0]),  # noqa
+                                              step, tiny.n_vocab)
+        tok = sampling.choose(logits, temperature=tf.constant(t), top_k=k,
+                              top_p=tf.constant(top_p), noise=noise)
+        toks.append(int(tok[0]))
+    assert out[0] == toks[2:]
+
+
+def test_seeded_runs_reproduce_whatever_the_batch(tiny, params):
+    a = sampling.generate(tiny, params, nsamples=3, batch_size=1, length=8, seed=5)
+    b = sampling.generate(tiny, params, nsamples=3, batch_size=2, length=8, seed=5,
+                          jit_compile=True)
+    c = sampling.generate(tiny, params, nsamples=3, batch_size=3, length=8, seed=6)
+    assert a == b
+    assert a != c
+    assert len({tuple(x) for x in a}) == 3               # samples differ from one another
+
+
+def test_ragged_prompts_in_one_batch_equal_each_alone(tiny, params):
+    prompts = [[4, 5, 6, 7, 8, 9], [10], [11, 12, 13]]
+    together = sampling.generate(tiny, params, prompts=prompts, nsamples=3, batch_size=3,
+                                 length=10, seed=3, temperature=1.0)
+    for i, p in enumerate(prompts):
+        alone = sampling.run_spans(tiny, [(0, (params,), (1.0,))], prompts=[p], batch_size=1,
+                                   length=10, temperature=1.0, top_k=0, top_p=1.0, seed=3)
+        # Sample i keys its noise on i: run it alone under that row id.
+        ref = _alone_as_row(tiny, params, p, row=i, seed=3, length=10)
+        assert together[i] == ref
+        if i == 0:
+            assert together[0] == alone['tokens'][0]
+
+
+def _alone_as_row(hp, params, prompt, *, row, seed, length):
+    toks = list(prompt)
+    for step in range(length):
+        logits = tf.constant(full_logits(hp, params, toks)[None])
+        noise = lambda: sampling.gumbel_noise(sampling.seed_pair(seed), tf.constant([row]),  # noqa
+                                              step, hp.n_vocab)
+        toks.append(int(sampling.choose(logits, temperature=tf.constant(1.0), top_k=0,
+                                        top_p=None, noise=noise)[0]))
+    return toks[len(prompt):]
+
+
+def test_sliding_window_past_n_ctx(tiny, params):
+    """Past n_ctx the model re-reads the last SLIDE_KEEP of n_ctx; every position stays valid."""
+    length = 3 * tiny.n_ctx
+    out = sampling.generate(tiny, params, prompts=[[1, 2]], length=length, temperature=0)[0]
+    keep = int(tiny.n_ctx * sampling.SLIDE_KEEP)
+    toks, s = [1, 2], 0
+    for _ in range(length):
+        if len(toks) - 1 - s == tiny.n_ctx:             # the cache is full: slide
+            s = len(toks) - keep
+        toks.append(int(np.argmax(full_logits(tiny, params, toks[s:]))))
+    assert out == toks[2:]
+
+
+def test_long_prompt_slides_too(tiny, params):
+    prompt = list(range(1, 41))                            # longer than n_ctx=32
+    out = sampling.generate(tiny, params, prompts=[prompt], length=3, temperature=0)[0]
+    keep = prompt[-int(tiny.n_ctx * sampling.SLIDE_KEEP):]
+    assert out[0] == int(np.argmax(full_logits(tiny, params, keep)))
+
+
+def test_stop_tokens_end_their_row_only(tiny, params):
+    prompts = [[1, 2, 3], [40, 41]]
+    free = sampling.generate(tiny, params, prompts=prompts, nsamples=2, batch_size=2, length=12,
+                             temperature=0)
+    stop = next(t for t in free[0] if t not in free[1])
+    k = free[0].index(stop)
+    out = sampling.generate(tiny, params, prompts=prompts, nsamples=2, batch_size=2, length=12,
+                            temperature=0, stop_ids=[stop])
+    assert out[0] == free[0][:k]
+    assert out[1] == free[1]
+
+
+def test_stop_strings_end_the_right_rows(tiny, params):
+    decode = lambda ids: ''.join(chr(0x100 + t) for t in ids)  # noqa: E731  one char per id
+    prompts = [[1, 2, 3], [40, 41]]
+    spans = [(0, (params,), (1.0,))]
+    kw = dict(prompts=prompts, batch_size=2, length=40, temperature=0, top_k=0, top_p=1.0,
+              seed=0, decode_text=decode, chunk=4)
+    free = sampling.run_spans(tiny, spans, **kw)
+    row0, row1 = free['tokens']
+    pair = next(decode(row0[i:i + 2]) for i in range(len(row0) - 1)
+                if decode(row0[i:i + 2]) not in decode(row1))
+    out = sampling.run_spans(tiny, spans, stop_strings=[pair], **kw)
+    cut = decode(row0).index(pair)
+    assert out['texts'][0] == decode(row0)[:cut]
+    assert out['tokens'][0] == row0[:cut]
+    assert out['tokens'][1] == row1 and out['texts'][1] == decode(row1)
+
+
+def test_bad_controls_are_user_errors(tiny, params):
+    for kw in ({'top_p': 0}, {'top_p': 1.5}, {'temperature': -1}, {'length': -1},
+               {'top_k': -2}, {'nsamples': 0}):
+        with pytest.raises(UserError):
+            sampling.generate(tiny, params, **kw)
+    with pytest.raises(UserError, match='2 prompts'):
+        sampling.generate(tiny, params, prompts=[[1], [2]], nsamples=1)
+    with pytest.raises(UserError, match='outside the vocabulary'):
+        sampling.generate(tiny, params, prompts=[[500]])
+
+
+def test_variables_and_numpy_trees_both_work(tiny):
+    tree = model.init_params(tiny, seed=2)
+    variables = tf.nest.map_structure(tf.Variable, tree)
+    a = sampling.generate(tiny, tree, length=5, seed=1)
+    b = sampling.generate(tiny, variables, length=5, seed=1)
+    assert a == b
+
+
+# ---- sample.py ----
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A 1-layer model with GPT-2's vocabulary, saved like a downloaded one."""
+    from gpt2 import hparams as hparams_lib
+    hp = hparams_lib.HParams(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
+    folder = tmp_path / 'models' / 'toy'
+    checkpoint.save_params(model.init_params(hp, seed=0), str(folder / 'model.ckpt'), hparams=hp)
+    return tmp_path
+
+
+def _run(argv, capsys, monkeypatch):
+    import sample
+    monkeypatch.setattr('sys.argv', ['sample.py'] + argv)
+    code = 0
+    try:
+        sample.entry()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_samples_reproducibly_and_writes_output(model_dir, capsys, monkeypatch):
+    base = ['--models_dir', str(model_dir / 'models'), '--model_name', 'toy', '--length', '6',
+            '--seed', '3', '--nsamples', '2', '--prompt', 'Hello', '--xla', 'False']
+    code, out1, _ = _run(base + ['--output', str(model_dir / 'o.txt')], capsys, monkeypatch)
+    assert code == 0 and 'SAMPLE 2' in out1
+    code, out2, _ = _run(base, capsys, monkeypatch)
+    assert out1 == out2
+    assert (model_dir / 'o.txt').read_text().count('SAMPLE') == 2
+
+
+def test_cli_bad_input_is_one_line(model_dir, capsys, monkeypatch):
+    for argv, want in ((['--top_p', '2'], 'top_p'), (['--temperature', '-1'], 'temperature'),
+                       (['--prompt_file', 'nope.txt'], 'does not exist'),
+                       (['--checkpoint', str(model_dir)], 'no checkpoint')):
+        code, _, err = _run(['--models_dir', str(model_dir / 'models'), '--model_name', 'toy']
+                            + argv if '--checkpoint' not in argv else argv, capsys, monkeypatch)
+        assert code == 1 and want in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_score(model_dir, capsys, monkeypatch):
+    code, out, _ = _run(['score', '--models_dir', str(model_dir / 'models'), '--model_name',
+                         'toy', '--text', 'a b c d e f g h i j k l m n o p q r s t u v w x y z '
+                         'and more words to pass the context window of thirty two tokens'],
+                        capsys, monkeypatch)
+    assert code == 0 and 'perplexity' in out
