@@ -19,6 +19,7 @@ from gpt2 import checkpoint
 from gpt2 import dataset as dataset_lib
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
+from gpt2 import sampling
 from gpt2.errors import UserError
 
 # Defaults shared by train.py and the library (train.py imports these, never retypes them).
@@ -538,7 +539,8 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
     for name, v, lo in (('batch_size', batch_size, 1), ('accumulate_gradients',
                         accumulate_gradients, 1), ('save_every', save_every, 0),
                         ('sample_every', sample_every, 0), ('val_every', val_every, 0),
-                        ('warmup_steps', warmup_steps, 0)):
+                        ('warmup_steps', warmup_steps, 0), ('sample_length', sample_length, 1),
+                        ('sample_num', sample_num, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise UserError(f'--{name} must be an integer >= {lo}, got {v!r}')
     if not 0 <= noise < 1:
@@ -566,9 +568,6 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
     seq = hp.n_ctx if seq_len is None else seq_len
     if not 1 <= seq <= hp.n_ctx:
         raise UserError(f'--seq_len must be in 1..n_ctx ({hp.n_ctx}), got {seq!r}')
-    if sample_every and not 1 <= sample_length < hp.n_ctx:
-        raise UserError(f'--sample_length must be in 1..{hp.n_ctx - 1} (n_ctx - 1), '
-                        f'got {sample_length!r}')
     enc = encoder_lib.get_encoder(run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0]))
                                   else vocab_dir if vocab_dir != _ENCODER_DIR else None)
     samplers = [dataset_lib.Sampler(dataset_lib.load_chunks(p, enc, combine=combine), seq + 1,
@@ -669,7 +668,6 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
 
 def _samples(hparams, state, enc, path, *, num, length, seed):
     """Unconditional samples from the current weights to samples/RUN/samples-STEP (and the log)."""
-    from gpt2 import sampling
     out = sampling.generate(hparams, state.params, nsamples=num, batch_size=num, length=length,
                             seed=seed)
     text = ''.join(f'{"=" * 20} SAMPLE {i + 1} {"=" * 20}\n{enc.decode(t)}\n'
