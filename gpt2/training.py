@@ -12,7 +12,11 @@ import uuid
 import numpy as np
 import tensorflow as tf
 import tqdm
+# XLA's optimization barrier and the check for an XLA context have no public API in TF 2.
+from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.core.framework import summary_pb2
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
 
 import encoder as encoder_lib
 from gpt2 import checkpoint
@@ -69,16 +73,38 @@ def logits(hparams, params, tokens, *, recompute=False):
 
     for p in params['h']:
         if recompute:
-            leaves = tf.nest.flatten(p)
             # Leaves go in as arguments (not closed over) so their gradients come back out.
-            f = tf.recompute_grad(
-                lambda x, *ls: run_block(x, tf.nest.pack_sequence_as(p, list(ls))))
-            h = f(h, *leaves)
+            f = _recomputed(lambda x, *ls, p=p: run_block(x, tf.nest.pack_sequence_as(p, ls)))
+            h = f(h, *tf.nest.flatten(p))
         else:
             h = run_block(h, p)
     h = model.norm(h, params['ln_f'])
     out = tf.matmul(tf.reshape(h, [-1, hparams.n_embd]), params['wte'], transpose_b=True)
     return tf.reshape(out, [-1, seq, hparams.n_vocab])
+
+
+def _recomputed(f):
+    """f(*tensors) -> tensor, keeping only its inputs for backprop and running it again there.
+
+    tf.recompute_grad orders the rerun after the incoming gradient by adding a NaN-guarded zero
+    to every input, which under XLA halved the speed and saved little memory; an XLA
+    optimization barrier over (inputs, gradient) does the same job for free (JAX's remat does
+    this), and outside XLA a control dependency does.
+    """
+    @tf.custom_gradient
+    def inner(*args):
+        def grad(dy):
+            if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+                *xs, dy = xla.optimization_barrier(*args, dy)
+            else:
+                with tf.control_dependencies([dy]):
+                    xs = [tf.identity(a) for a in args]
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                y = f(*xs)
+            return tape.gradient(y, xs, output_gradients=dy)
+        return f(*args), grad
+    return inner
 
 
 def loss_fn(hparams, params, inputs, targets, *, recompute=False):
@@ -226,12 +252,6 @@ class TrainState:
                           for s, z in self.rule.init(tuple(flat[k].shape)).items()}
                       for k in self.names}
 
-    def flat_params(self):
-        return checkpoint.flatten(self.params)
-
-    def numpy_params(self):
-        return tf.nest.map_structure(lambda v: v.numpy(), self.params)
-
     def slot_arrays(self):
         """{'slot/<slot>/<name>': array}, the optimizer state as saved in the sidecar."""
         return {f'slot/{s}/{k}': v.numpy() for k, d in self.slots.items() for s, v in d.items()}
@@ -251,7 +271,7 @@ class TrainState:
 
 def make_train_step(hparams, optimizer=OPTIMIZER, *, weight_decay=0.0, max_grad_norm=None,
                     recompute=False, noise=0.0, jit_compile=JIT_COMPILE):
-    """A compiled step(state, windows, lr, t, seed) -> (loss, grad_norm) that updates state.
+    """A compiled step(state, windows, lr, t, seed) -> loss that updates state in place.
 
     windows [accumulate, batch, seq+1] int32: gradients are averaged over the leading axis (the
     accumulation micro-batches), so 2 x batch 2 gives what 1 x batch 4 gives. lr (float32) and t
@@ -275,8 +295,9 @@ def make_train_step(hparams, optimizer=OPTIMIZER, *, weight_decay=0.0, max_grad_
         loss, grads = loss_and_grads(hparams, params, windows[0], names=names,
                                      recompute=recompute, inputs=inputs[0])
         grads = [grads[k] for k in names]
-        for i in range(1, n):
-            # Accumulation micro-batches, unrolled: n is small and static, and XLA prefers it.
+        for i in tf.range(1, n):
+            # Accumulation micro-batches in a loop (not unrolled), so only one micro-batch's
+            # activations are alive at a time.
             li, gi = loss_and_grads(hparams, params, windows[i], names=names,
                                     recompute=recompute, inputs=inputs[i])
             loss += li
@@ -284,9 +305,8 @@ def make_train_step(hparams, optimizer=OPTIMIZER, *, weight_decay=0.0, max_grad_
         if n > 1:
             loss = loss / n
             grads = [g / n for g in grads]
-        norm = tf.linalg.global_norm(grads)
         if max_grad_norm:
-            grads, _ = tf.clip_by_global_norm(grads, max_grad_norm, use_norm=norm)
+            grads, _ = tf.clip_by_global_norm(grads, max_grad_norm)
         flat = checkpoint.flatten(params)
         for k, g in zip(names, grads):
             wd = weight_decay if _decays(k) else 0.0
@@ -295,7 +315,7 @@ def make_train_step(hparams, optimizer=OPTIMIZER, *, weight_decay=0.0, max_grad_
             flat[k].assign(p)
             for a, v in s.items():
                 slots[k][a].assign(v)
-        return loss, norm
+        return loss
 
     def call(state, windows, lr, t, seed):
         return step(state.params, state.slots, tf.constant(windows, tf.int32),
@@ -629,7 +649,7 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
                     accumulate_gradients, batch_size, seq + 1)
                 lr = learning_rate_at(step)
                 t0 = time.perf_counter()
-                loss, _ = train_step(state, windows, lr, step + 1, [seed, step])
+                loss = train_step(state, windows, lr, step + 1, [seed, step])
                 loss = float(loss)
                 rate = tokens / (time.perf_counter() - t0)
                 if not math.isfinite(loss):
