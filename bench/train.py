@@ -1,0 +1,134 @@
+"""Training throughput and peak memory at the 124M shape (fp32) against Hugging Face's
+GPT2LMHeadModel (dropout 0, AdamW) measured in the same run, each side in its own subprocess.
+
+    flock /tmp/gpt2-bench.lock /work/main/.venv/bin/python bench/train.py
+
+Prints tokens/s, peak RSS, the ratio to Hugging Face, and the fraction of the FLOP-bound rate
+(training FLOPs per token against this machine's measured fp32 matmul rate).
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _peak_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None):
+    import numpy as np
+    from gpt2 import hparams as hparams_lib, model, training
+    jit_compile = training.JIT_COMPILE if jit_compile is None else jit_compile
+    hp = hparams_lib.PRESETS['124M']
+    state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
+    step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
+                                    jit_compile=jit_compile)
+    rng = np.random.default_rng(0)
+    windows = lambda: rng.integers(0, hp.n_vocab, [1, batch, seq + 1]).astype(np.int32)  # noqa
+    for i in range(warmup):
+        float(step(state, windows(), 1e-4, i + 1, [0, i]))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        float(step(state, windows(), 1e-4, warmup + i + 1, [0, i]))
+    return batch * seq * steps / (time.perf_counter() - t0)
+
+
+def hf(batch, seq, steps, warmup):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, activation_function='gelu_new')
+    net = transformers.GPT2LMHeadModel(cfg)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def one():
+        x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+        # Labels are the input shifted by one, as in ours: seq predictions per row.
+        out = net(input_ids=x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
+                                                 x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    for _ in range(warmup):
+        one()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return batch * seq * steps / (time.perf_counter() - t0)
+
+
+def matmul_gflops():
+    """The machine's fp32 matmul rate through TensorFlow (the FLOP-bound ceiling)."""
+    import tensorflow as tf
+    a = tf.random.normal([3072, 3072])
+    f = tf.function(lambda x: tf.matmul(x, x))
+    f(a).numpy()
+    best = 0
+    for _ in range(5):  # the best of 5: other work on the machine only slows it down
+        t0 = time.perf_counter()
+        for _ in range(3):
+            f(a).numpy()
+        best = max(best, 2 * 3072 ** 3 * 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def train_flops_per_token(seq, n_layer=12, d=768, n_vocab=50257):
+    # 6 FLOPs per matmul weight per token (forward 2, backward 4), the tied output layer included,
+    # plus attention's scores and weighted sum (4 * seq * d per layer forward, causal not skipped).
+    return 6 * (12 * n_layer * d * d + n_vocab * d) + 3 * 4 * n_layer * seq * d
+
+
+def worker(args):
+    side, batch, seq, steps, warmup = args[0], *map(int, args[1:5])
+    if side == 'hf':
+        tps = hf(batch, seq, steps, warmup)
+    elif side == 'gflops':
+        tps = matmul_gflops()
+    else:
+        # ours: the default step (XLA); ours-recompute: --memory_saving_gradients;
+        # ours-noxla: TF's own kernels (--nojit_compile).
+        tps = ours(batch, seq, steps, warmup, recompute=side == 'ours-recompute',
+                   jit_compile=False if side == 'ours-noxla' else None)
+    print(json.dumps({'value': tps, 'rss': _peak_rss_gib()}))
+
+
+def run(side, batch=0, seq=0, steps=0, warmup=0):
+    out = subprocess.run([sys.executable, __file__, '--worker', side, str(batch), str(seq),
+                          str(steps), str(warmup)], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f'{side} failed:\n{out.stderr[-3000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf'):
+    gflops = run('gflops')['value']
+    print(f'fp32 matmul rate: {gflops:.0f} GFLOP/s')
+    for shape in shapes.split(','):
+        batch, seq = map(int, shape.split('x'))
+        bound = gflops * 1e9 / train_flops_per_token(seq)
+        res = {s: run(s, batch, seq, steps, warmup) for s in sides.split(',')}
+        print(f'\n{batch} x {seq} (FLOP-bound rate {bound:.0f} tokens/s)')
+        for s, r in res.items():
+            ratio = f'{r["value"] / res["hf"]["value"]:.2f}x HF' if 'hf' in res else ''
+            print(f'  {s:15s} {r["value"]:7.1f} tokens/s  peak RSS {r["rss"]:.2f} GiB  '
+                  f'{ratio:10s} {r["value"] / bound:.0%} of FLOP-bound')
+
+
+if __name__ == '__main__':
+    if sys.argv[1:2] == ['--worker']:
+        worker(sys.argv[2:])
+    else:
+        import fire
+        fire.Fire(main)

@@ -1,0 +1,81 @@
+"""Fine-tune GPT-2 or train one from scratch, saving resumable checkpoints in OpenAI's format."""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from gpt2 import cli  # noqa: E402
+from gpt2 import training as T  # noqa: E402
+
+
+def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_scratch=False,
+          hparams=None, run_name=T.RUN_NAME, checkpoint_dir=T.CHECKPOINT_DIR,
+          sample_dir=T.SAMPLE_DIR, restore_from=T.RESTORE_FROM, steps=None,
+          batch_size=T.BATCH_SIZE, seq_len=None, learning_rate=T.LEARNING_RATE, lr_schedule=T.LR_SCHEDULE,
+          warmup_steps=0, optimizer=T.OPTIMIZER, weight_decay=None, max_grad_norm=None,
+          accumulate_gradients=1, memory_saving_gradients=False,
+          only_train_transformer_layers=False, noise=0.0, sample_every=T.SAMPLE_EVERY,
+          sample_length=T.SAMPLE_LENGTH, sample_num=T.SAMPLE_NUM, save_every=T.SAVE_EVERY,
+          max_checkpoints=None, val_dataset=None, val_every=0, val_batch_size=T.VAL_BATCH_SIZE,
+          val_batch_count=T.VAL_BATCH_COUNT, seed=0, curriculum=None, combine=T.COMBINE,
+          jit_compile=T.JIT_COMPILE, progress=True):
+    """Train on --dataset and save checkpoint/RUN/model-STEP.* every --save_every steps.
+
+    Data:
+      --dataset PATH            .npz from encode.py, a text file, a folder or a glob
+      --curriculum SPEC         "a.npz:1000,b.npz:1000": 1000 steps on a, then 1000 on b (training
+                                stops after the last unless --steps is larger); "a.txt,b.txt,c.txt"
+                                (no counts): swap to the next dataset, cycling, at every save
+      --combine N               join small text files into chunks of N characters (50000)
+      --seq_len N               tokens per training window (default n_ctx; each window draws
+                                seq_len + 1 tokens and predicts the last seq_len)
+    Model:
+      --model_name NAME         fine-tune models/NAME (download_model.py NAME fetches it)
+      --models_dir DIR          where downloaded models live (models)
+      --from_scratch            start from random weights with --hparams
+      --hparams P               a preset (124M, 355M, 774M, 1558M, tiny, small) or hparams.json
+    Run:
+      --run_name NAME           checkpoints in CHECKPOINT_DIR/NAME, samples in SAMPLE_DIR/NAME
+      --checkpoint_dir DIR      (checkpoint)        --sample_dir DIR (samples)
+      --restore_from WHAT       latest (the run's newest checkpoint, else the model), fresh (the
+                                model or random weights, step 0), or a checkpoint path; a
+                                checkpoint saved by train.py resumes exactly (optimizer, step,
+                                data position, noise)
+      --steps N                 stop at global step N (Ctrl-C or SIGTERM also stop: the step in
+                                flight finishes and is saved); also the horizon of --lr_schedule
+    Optimisation:
+      --batch_size N (1)  --accumulate_gradients N (1: average N batches per update)
+      --learning_rate LR (1e-4)  --lr_schedule constant|linear|cosine  --warmup_steps N (0)
+      --optimizer adam|adamw|sgd|adafactor (adam)
+      --weight_decay WD         on matrices and embeddings only (default 0.01 for adamw, else 0)
+      --max_grad_norm X         clip the global gradient norm to X
+      --memory_saving_gradients recompute each block during backprop (less memory, ~1/3 slower)
+      --only_train_transformer_layers   freeze wte, wpe and ln_f
+      --noise P                 replace each input token by a random one with probability P
+      --seed N                  weights (from scratch), data order and noise (0)
+      --nojit_compile           run the step on TF's kernels instead of XLA (slower)
+    Output:
+      --save_every N (1000)  --max_checkpoints N (keep all by default)
+      --sample_every N (100, 0 = never)  --sample_length N (200)  --sample_num N (1)
+      --val_dataset PATH  --val_every N (0 = never)  --val_batch_size N (2)
+      --val_batch_count N (40)
+      --progress / --noprogress the tqdm bar
+    TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second) go to the run folder.
+    """
+    T.train(dataset, model_name=model_name, models_dir=models_dir, from_scratch=from_scratch,
+            hparams=hparams, run_name=run_name, checkpoint_dir=checkpoint_dir,
+            sample_dir=sample_dir, restore_from=restore_from, steps=steps,
+            batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps, optimizer=optimizer,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            accumulate_gradients=accumulate_gradients,
+            memory_saving_gradients=memory_saving_gradients,
+            only_train_transformer_layers=only_train_transformer_layers, noise=noise,
+            sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
+            save_every=save_every, max_checkpoints=max_checkpoints, val_dataset=val_dataset,
+            val_every=val_every, val_batch_size=val_batch_size,
+            val_batch_count=val_batch_count, seed=seed, curriculum=curriculum,
+            combine=combine, jit_compile=jit_compile, progress=progress)
+
+
+if __name__ == '__main__':
+    cli.main(train)
