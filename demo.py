@@ -35,7 +35,7 @@ def _run(stage, args):
         raise UserError(f'the {stage} stage failed (exit {done.returncode}); its message is above')
 
 
-def main(corpus=None, out=OUT, steps=600, save_every=150, hparams='tiny', batch_size=8,
+def main(corpus=None, out=OUT, steps=1200, save_every=300, hparams='tiny', batch_size=8,
          seq_len=128, learning_rate=2e-3, length=80, seed=0):
     """Train a small GPT-2 from scratch on a corpus and sample it at every saved step.
 
