@@ -14,7 +14,7 @@ from gpt2 import paths, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
 MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
-DELIMITER = novelty_lib.SAMPLE_DELIMITER + ' SAMPLE {} ' + novelty_lib.SAMPLE_DELIMITER
+DELIMITER = novelty_lib.SAMPLE_HEADER
 
 
 # ---- shared pieces of the subcommands ----

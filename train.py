@@ -1,9 +1,8 @@
 """Fine-tune GPT-2 or train one from scratch, saving resumable checkpoints in OpenAI's format."""
-import os
+from gpt2 import cli
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+cli.quiet_tensorflow()
 
-from gpt2 import cli  # noqa: E402
 from gpt2 import training as T  # noqa: E402
 
 

@@ -24,6 +24,7 @@ from gpt2.errors import UserError
 # sample.py writes '<40 x => SAMPLE n <40 x =>' between samples; any line starting with this prefix
 # is a delimiter, never checked, always kept.
 SAMPLE_DELIMITER = '=' * 40
+SAMPLE_HEADER = SAMPLE_DELIMITER + ' SAMPLE {} ' + SAMPLE_DELIMITER  # .format(sample number)
 MODES = ('drop', 'mark')
 MARKER = '[copied] '  # prefixed to each copied line in `mark` mode
 DEFAULT_NGRAM = 8  # tokens; about six words (see docs/README-novelty.md for how it was chosen)

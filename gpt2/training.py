@@ -25,11 +25,13 @@ from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from gpt2 import sampling
 from gpt2.errors import UserError
+from gpt2 import paths
+from gpt2.novelty import SAMPLE_HEADER
 
 # Defaults shared by train.py and the library (train.py imports these, never retypes them).
-CHECKPOINT_DIR = 'checkpoint'
-SAMPLE_DIR = 'samples'
-MODELS_DIR = 'models'
+CHECKPOINT_DIR = paths.CHECKPOINT_DIR
+SAMPLE_DIR = paths.SAMPLES_DIR
+MODELS_DIR = paths.MODELS_DIR
 MODEL_NAME = '124M'
 RUN_NAME = 'run1'
 RESTORE_FROM = 'latest'
@@ -506,7 +508,7 @@ def _start(*, model_name, models_dir, from_scratch, hparams, run_dir, restore_fr
             prefix = checkpoint.resolve(run_dir)
     elif restore_from != 'fresh':
         prefix = checkpoint.resolve(restore_from)
-    model_dir = None if from_scratch else os.path.join(models_dir, model_name)
+    model_dir = None if from_scratch else paths.model_dir(model_name, models_dir)
     if prefix is None and model_dir and not os.path.isfile(os.path.join(model_dir,
                                                                         hparams_lib.FILENAME)):
         raise UserError(f'model {model_name!r} is not downloaded (no {model_dir}): get it with '
@@ -690,7 +692,7 @@ def _samples(hparams, state, enc, path, *, num, length, seed):
     """Unconditional samples from the current weights to samples/RUN/samples-STEP (and the log)."""
     out = sampling.generate(hparams, state.params, nsamples=num, batch_size=num, length=length,
                             seed=seed)
-    text = ''.join(f'{"=" * 20} SAMPLE {i + 1} {"=" * 20}\n{enc.decode(t)}\n'
+    text = ''.join(f'{SAMPLE_HEADER.format(i + 1)}\n{enc.decode(t)}\n'
                    for i, t in enumerate(out))
     _write_text(path, text)
     tqdm.tqdm.write(text)
