@@ -588,8 +588,9 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
     seq = hp.n_ctx if seq_len is None else seq_len
     if not 1 <= seq <= hp.n_ctx:
         raise UserError(f'--seq_len must be in 1..n_ctx ({hp.n_ctx}), got {seq!r}')
-    enc = encoder_lib.get_encoder(run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0]))
-                                  else vocab_dir if vocab_dir != _ENCODER_DIR else None)
+    if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])):
+        vocab_dir = run_dir
+    enc = encoder_lib.get_encoder(None if vocab_dir == _ENCODER_DIR else vocab_dir)
     samplers = [dataset_lib.Sampler(dataset_lib.load_chunks(p, enc, combine=combine), seq + 1,
                                     seed=seed + i) for i, (p, _) in enumerate(plan)]
     val_batches = []
@@ -600,7 +601,7 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
 
     _check_writable(run_dir)
     hparams_lib.save(hp, os.path.join(run_dir, hparams_lib.FILENAME))
-    _copy_vocab(run_dir if vocab_dir == run_dir else vocab_dir, run_dir)
+    _copy_vocab(vocab_dir, run_dir)
 
     state = TrainState(hp, params, optimizer, only_transformer=only_train_transformer_layers)
     del params
