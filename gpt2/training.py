@@ -220,7 +220,8 @@ def scheduled_lr(step, *, base, schedule='constant', warmup=0, total=None):
     """The rate for 0-based `step`: linear warmup over `warmup` steps, then constant, or a linear or
     cosine decay to zero at step `total`."""
     if schedule not in SCHEDULES:
-        raise UserError(f'unknown --lr_schedule {schedule!r}: expected one of {", ".join(SCHEDULES)}')
+        raise UserError(f'unknown --lr_schedule {schedule!r}: expected one of '
+                        f'{", ".join(SCHEDULES)}')
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     if schedule == 'constant':
@@ -518,8 +519,8 @@ def _start(*, model_name, models_dir, from_scratch, hparams, run_dir, restore_fr
     elif model_dir:
         hp = hparams_lib.load(model_dir)
     else:
-        raise UserError(f'--from_scratch needs --hparams: a preset ({", ".join(hparams_lib.PRESETS)})'
-                        ' or an hparams.json')
+        raise UserError('--from_scratch needs --hparams: a preset '
+                        f'({", ".join(hparams_lib.PRESETS)}) or an hparams.json')
     known = os.path.join(run_dir, hparams_lib.FILENAME)
     if os.path.isfile(known) and restore_from != 'fresh' and hparams_lib.load(known) != hp:
         raise UserError(f'run folder {run_dir} holds a model with hparams '
@@ -565,7 +566,8 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
             raise UserError(f'--{name} must be an integer >= {lo}, got {v!r}')
     if not 0 <= noise < 1:
         raise UserError(f'--noise is a probability in [0, 1), got {noise!r}')
-    if max_checkpoints is not None and (not isinstance(max_checkpoints, int) or max_checkpoints < 1):
+    if max_checkpoints is not None and (not isinstance(max_checkpoints, int)
+                                        or max_checkpoints < 1):
         raise UserError(f'--max_checkpoints must be a positive integer, got {max_checkpoints!r}')
     weight_decay = default_weight_decay(optimizer) if weight_decay is None else weight_decay
     if curriculum and dataset:
