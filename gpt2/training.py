@@ -222,7 +222,8 @@ def scheduled_lr(step, *, base, schedule='constant', warmup=0, total=None):
     """The rate for 0-based `step`: linear warmup over `warmup` steps, then constant, or a linear or
     cosine decay to zero at step `total`."""
     if schedule not in SCHEDULES:
-        raise UserError(f'unknown --lr_schedule {schedule!r}: expected one of {", ".join(SCHEDULES)}')
+        raise UserError(f'unknown --lr_schedule {schedule!r}: expected one of '
+                        f'{", ".join(SCHEDULES)}')
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     if schedule == 'constant':
@@ -520,8 +521,8 @@ def _start(*, model_name, models_dir, from_scratch, hparams, run_dir, restore_fr
     elif model_dir:
         hp = hparams_lib.load(model_dir)
     else:
-        raise UserError(f'--from_scratch needs --hparams: a preset ({", ".join(hparams_lib.PRESETS)})'
-                        ' or an hparams.json')
+        raise UserError('--from_scratch needs --hparams: a preset '
+                        f'({", ".join(hparams_lib.PRESETS)}) or an hparams.json')
     known = os.path.join(run_dir, hparams_lib.FILENAME)
     if os.path.isfile(known) and restore_from != 'fresh' and hparams_lib.load(known) != hp:
         raise UserError(f'run folder {run_dir} holds a model with hparams '
@@ -567,7 +568,8 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
             raise UserError(f'--{name} must be an integer >= {lo}, got {v!r}')
     if not 0 <= noise < 1:
         raise UserError(f'--noise is a probability in [0, 1), got {noise!r}')
-    if max_checkpoints is not None and (not isinstance(max_checkpoints, int) or max_checkpoints < 1):
+    if max_checkpoints is not None and (not isinstance(max_checkpoints, int)
+                                        or max_checkpoints < 1):
         raise UserError(f'--max_checkpoints must be a positive integer, got {max_checkpoints!r}')
     weight_decay = default_weight_decay(optimizer) if weight_decay is None else weight_decay
     if curriculum and dataset:
@@ -590,8 +592,9 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
     seq = hp.n_ctx if seq_len is None else seq_len
     if not 1 <= seq <= hp.n_ctx:
         raise UserError(f'--seq_len must be in 1..n_ctx ({hp.n_ctx}), got {seq!r}')
-    enc = encoder_lib.get_encoder(run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0]))
-                                  else vocab_dir if vocab_dir != _ENCODER_DIR else None)
+    if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])):
+        vocab_dir = run_dir
+    enc = encoder_lib.get_encoder(None if vocab_dir == _ENCODER_DIR else vocab_dir)
     samplers = [dataset_lib.Sampler(dataset_lib.load_chunks(p, enc, combine=combine), seq + 1,
                                     seed=seed + i) for i, (p, _) in enumerate(plan)]
     val_batches = []
@@ -602,7 +605,7 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
 
     _check_writable(run_dir)
     hparams_lib.save(hp, os.path.join(run_dir, hparams_lib.FILENAME))
-    _copy_vocab(run_dir if vocab_dir == run_dir else vocab_dir, run_dir)
+    _copy_vocab(vocab_dir, run_dir)
 
     state = TrainState(hp, params, optimizer, only_transformer=only_train_transformer_layers)
     del params

@@ -66,7 +66,9 @@ def test_loss_falls(tmp_path, tiny, data):
 
 
 def test_checkpoints_appear_at_the_save_steps_and_load(tmp_path, tiny, data):
-    out = _train(tmp_path, tiny, data, steps=7, save_every=3, run_name='r')
+    out = _train(tmp_path, tiny, data, steps=7, save_every=3, run_name='r', sample_every=3,
+                 sample_length=5, sample_num=2, sample_dir=str(tmp_path / 'samples'),
+                 val_dataset=data, val_every=3, val_batch_count=2)
     run = out['run_dir']
     # Saves at 3 and 6, and at the end (7); each with its training-state sidecar.
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [3, 6, 7]
@@ -79,7 +81,14 @@ def test_checkpoints_appear_at_the_save_steps_and_load(tmp_path, tiny, data):
     assert hp == tiny and prefix.endswith('model-7')
     meta, _ = training.load_training_state(prefix)
     assert meta['step'] == 7
-    assert any(f.startswith('events.out.tfevents') for f in os.listdir(run))
+    # Samples at the sample steps; TensorBoard scalars in the run folder.
+    assert sorted(os.listdir(tmp_path / 'samples' / 'r')) == ['samples-3', 'samples-6']
+    assert (tmp_path / 'samples' / 'r' / 'samples-6').read_text().count('SAMPLE') == 2
+    events = [os.path.join(run, f) for f in os.listdir(run) if f.startswith('events.out')]
+    tags = {v.tag: v for f in events for e in tf.compat.v1.train.summary_iterator(f)
+            for v in e.summary.value}
+    assert {'loss', 'val_loss', 'learning_rate', 'tokens_per_second'} <= set(tags)
+    assert tags['loss'].metadata.plugin_data.plugin_name == 'scalars'
 
 
 def test_max_checkpoints_deletes_the_oldest(tmp_path, tiny, data):
@@ -277,7 +286,7 @@ def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny, data):
-    with pytest.raises(UserError, match=r'loss became (nan|inf).*last good checkpoint is .*model-1'):
+    with pytest.raises(UserError, match=r'loss became (nan|inf).*last good checkpoint .*model-1'):
         _train(tmp_path, tiny, data, steps=10, save_every=1, optimizer='sgd',
                learning_rate=1e30)
     run = str(tmp_path / 'ckpt' / training.RUN_NAME)
