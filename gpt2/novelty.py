@@ -27,7 +27,7 @@ SAMPLE_DELIMITER = '=' * 40
 SAMPLE_HEADER = SAMPLE_DELIMITER + ' SAMPLE {} ' + SAMPLE_DELIMITER  # .format(sample number)
 MODES = ('drop', 'mark')
 MARKER = '[copied] '  # prefixed to each copied line in `mark` mode
-DEFAULT_NGRAM = 8  # tokens; about six words (see docs/README-novelty.md for how it was chosen)
+DEFAULT_NGRAM = 8  # tokens; about six words (see README.md, novelty filter for how it was chosen)
 _FLUSH = 1 << 20  # corpus tokens hashed at a time, so a huge file never lives as a Python list
 
 
@@ -117,7 +117,7 @@ def _documents(path, enc):
 class Index:
     """Hashes of a corpus's normalised lines and of its `ngram`-token n-grams, as sorted uint64
     arrays: 8 bytes a distinct n-gram, so a 10 MB corpus (~2.5M tokens) holds at most ~20 MB
-    (docs/BENCH-novelty.md). `paths`: files, folders, globs (a list, or one comma-separated
+    (BENCHMARKS.md). `paths`: files, folders, globs (a list, or one comma-separated
     string); text files, and .npz token files decoded with `enc`.
     """
 

@@ -48,7 +48,7 @@ VAL_BATCH_SIZE = 2
 VAL_BATCH_COUNT = 40
 ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default; the other optimizers default to none
 # XLA fuses the step's elementwise work: on CPU it trained 1.6x faster in 0.3x less memory than
-# TF's own kernels at the 124M shape (docs/BENCH-training.md).
+# TF's own kernels at the 124M shape (BENCHMARKS.md).
 JIT_COMPILE = True
 
 SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
