@@ -96,6 +96,16 @@ def _encode_prompts(texts, enc, hparams, nsamples):
     return [ids[k % len(ids)] for k in range(n)], [texts[k % len(texts)] for k in range(n)]
 
 
+def _prompt_rows(texts, enc, hparams, nsamples):
+    """Token rows to sample from (the start token when there is no prompt), and the prompt text
+    shown before each sample; checked against the context length."""
+    prompts, shown = _encode_prompts(texts, enc, hparams, nsamples)
+    if prompts is None:
+        prompts, shown = [[sampling.start_token(hparams)]] * nsamples, [''] * nsamples
+    sampling.check_prompts(hparams, prompts)
+    return prompts, shown
+
+
 def _progress(total, quiet):
     if quiet or total < 200:
         return None, lambda: None
@@ -187,10 +197,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
     spans = [(0, (params,), (1.0,))]
 
     def once(prompt_texts, seed, out_file):
-        prompts, shown = _encode_prompts(prompt_texts, enc, hparams, nsamples)
-        if prompts is None:
-            prompts, shown = [[sampling.start_token(hparams)]] * nsamples, [''] * nsamples
-        sampling.check_prompts(hparams, prompts)
+        prompts, shown = _prompt_rows(prompt_texts, enc, hparams, nsamples)
         update, close = _progress(len(prompts) * length, quiet)
         try:
             res = sampling.run_spans(
@@ -342,10 +349,7 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
     enc = _encoder(prefixes[0])
     stop_ids, stop_strings = _stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
-    prompts, shown = _encode_prompts(texts, enc, hparams, nsamples)
-    if prompts is None:
-        prompts, shown = [[sampling.start_token(hparams)]] * nsamples, [''] * nsamples
-    sampling.check_prompts(hparams, prompts)
+    prompts, shown = _prompt_rows(texts, enc, hparams, nsamples)
     update, close = _progress(len(prompts) * length, quiet)
     try:
         res = palimpsest_lib.run(

@@ -345,10 +345,7 @@ def _stamp_matches(folder):
 
 def _write_stamp(folder):
     path = os.path.join(folder, STAMP)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(_stamp_files(folder), f)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(_stamp_files(folder)))
 
 
 def _give_up(url, error, retries, part):

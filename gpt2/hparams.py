@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 
+from gpt2 import paths
 from gpt2.errors import UserError
 
 FILENAME = 'hparams.json'
@@ -91,8 +92,4 @@ def save(hparams, path):
     """Write hparams.json atomically (into `path`, or `path/hparams.json` for a folder)."""
     if os.path.isdir(path):
         path = os.path.join(path, FILENAME)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(hparams.to_dict(), f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(hparams.to_dict(), indent=2) + '\n')

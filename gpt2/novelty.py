@@ -12,13 +12,13 @@ found in a generated line that does not wrap it; a generated line's n-grams stay
 import hashlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 import encoder as encoder_lib
 from gpt2 import dataset
+from gpt2 import paths as paths_lib
 from gpt2.errors import UserError
 
 # sample.py writes '<40 x => SAMPLE n <40 x =>' between samples; any line starting with this prefix
@@ -279,7 +279,7 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
         sys.stdout.flush()
         where = 'stdout'
     else:
-        _write_atomic(output, kept)
+        paths_lib.write_text(output, kept)
         where = output
     verb = 'dropped' if mode == 'drop' else 'marked'
     print(f'novelty: {report}; {verb} {report.copied_lines} lines -> {where}', file=sys.stderr)
@@ -296,16 +296,3 @@ def _read_samples(path):
     except UnicodeDecodeError as e:
         raise UserError(f'samples file {path} is not UTF-8 text (byte {e.start}); '
                         'pass the text file sample.py wrote') from None
-
-
-def _write_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import checkpoint, sampling
+from gpt2 import checkpoint, paths, sampling
 from gpt2.errors import UserError
 
 DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
@@ -224,13 +224,7 @@ def output_name(kind, description, *, seed, temperature):
     return f'{kind}-{slug}-seed{seed}-t{temperature:g}'
 
 
-def write_atomic(path, text):
-    """Write a file under a temporary name, then rename it into place."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+write_atomic = paths.write_text
 
 
 def write_json(path, obj):

@@ -480,14 +480,6 @@ def _check_writable(folder):
                         'another --checkpoint_dir or fix its permissions') from None
 
 
-def _write_text(path, text):
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f'{path}.tmp-{uuid.uuid4().hex}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _copy_vocab(src_dir, run_dir):
     # The run folder is self-contained: sample.py needs nothing but it.
     for name in VOCAB_FILES:
@@ -697,5 +689,5 @@ def _samples(hparams, state, enc, path, *, num, length, seed):
                             seed=seed)
     text = ''.join(f'{SAMPLE_HEADER.format(i + 1)}\n{enc.decode(t)}\n'
                    for i, t in enumerate(out))
-    _write_text(path, text)
+    paths.write_text(path, text)
     tqdm.tqdm.write(text)
