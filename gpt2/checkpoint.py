@@ -2,7 +2,7 @@
 
 Variables are named as in OpenAI's release (`model/h0/attn/c_attn/w`); the tree path of a variable
 is its name split on '/', with `h0` meaning params['h'][0]. Files are the TF V2 bundle (`.index` and
-`.data-00000-of-00001`) that tf.compat.v1.train.Saver reads and writes, plus the `checkpoint` state
+`.data-00000-of-00001`) that TF1's train.Saver reads and writes, plus the `checkpoint` state
 file, so OpenAI's and nshepperd's code load what we save and we load theirs.
 """
 import os
