@@ -10,7 +10,7 @@ from gpt2 import cli
 cli.quiet_tensorflow()
 
 from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import paths, sampling, scoring  # noqa: E402
+from gpt2 import model, paths, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
 MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
@@ -190,7 +190,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
              if novel_against else None)
     params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
                                          checkpoint_dir)
-    params = sampling.as_tensors(params)
+    params = model.to_tensors(params)
     stop_ids, stop_strings = _stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
     print(f'checkpoint {prefix}, seed {seed}', file=sys.stderr)
@@ -262,7 +262,7 @@ def score(file=None, text=None, model_name=None, run_name=None, checkpoint=None,
     ids = enc.encode(text)
     if not ids:
         raise UserError('the text to score is empty')
-    lp = scoring.score(hparams, sampling.as_tensors(params), ids,
+    lp = scoring.score(hparams, model.to_tensors(params), ids,
                        context_token=sampling.start_token(hparams))
     if tokens:
         for t, v in zip(ids, lp):

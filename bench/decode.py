@@ -44,7 +44,7 @@ def _best(fn, repeats):
 
 
 def ours(hp, params, prompts, new, *, jit_compile, spans=None):
-    tensors = sampling.as_tensors(params)
+    tensors = model.to_tensors(params)
     spans = spans or [(0, (tensors,), (1.0,))]
 
     def go():
@@ -80,7 +80,7 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
     threads = threads or os.cpu_count()
     hp = hparams_lib.PRESETS['124M']
     params = model.init_params(hp, seed=0)
-    other = sampling.as_tensors(model.init_params(hp, seed=1))
+    other = model.to_tensors(model.init_params(hp, seed=1))
     weight_bytes = sum(np.asarray(x).nbytes for x in tf.nest.flatten(params))
     bw = bandwidth()
     print(f'TF {tf.__version__}, {os.cpu_count()} CPUs, bandwidth {bw / 1e9:.1f} GB/s, '
@@ -94,7 +94,7 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
             rows[f'ours xla={jit}'] = _best(ours(hp, params, prompts, new, jit_compile=jit),
                                             repeats)
         best_jit = min((rows['ours xla=True'], True), (rows['ours xla=False'], False))[1]
-        tensors = sampling.as_tensors(params)
+        tensors = model.to_tensors(params)
         spans = [(i, ((tensors, other)[(i // swap_every) % 2],), (1.0,))
                  for i in range(0, new, swap_every)]
         rows[f'palimpsest keep, swap/{swap_every}'] = _best(

@@ -43,8 +43,10 @@ def init_params(hparams, seed=0, dtype=np.float32):
 
 
 def to_tensors(params):
-    """The same tree with every leaf a constant tf.Tensor (what compiled steps take)."""
-    return tf.nest.map_structure(tf.convert_to_tensor, params)
+    """The same tree with NumPy leaves made constant tensors once (so compiled steps are not handed
+    arrays to convert on every call); tensors and variables pass through, variables stay live."""
+    return tf.nest.map_structure(
+        lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), params)
 
 
 def gelu(x):

@@ -188,13 +188,6 @@ def _bucket(n, cap):
     return min(b, cap)
 
 
-def as_tensors(params):
-    """Leaves that are NumPy become constant tensors (once, not on every call); tensors and
-    variables pass through."""
-    return tf.nest.map_structure(
-        lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), params)
-
-
 class Decoder:
     """Drives the compiled loop for one batch of rows: prefill, chunks, sliding past n_ctx.
 
@@ -357,7 +350,7 @@ def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
     prompts = [list(map(int, p)) for p in prompts]
     check_prompts(hparams, prompts)
     seed = new_seed() if seed is None else seed
-    spans = [(0, (as_tensors(params),), (1.0,))]
+    spans = [(0, (model.to_tensors(params),), (1.0,))]
     return run_spans(hparams, spans, prompts=prompts, batch_size=batch_size, length=length,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      repetition_penalty=repetition_penalty, stop_ids=stop_ids,

@@ -9,7 +9,7 @@ from gpt2.errors import UserError
 
 @pytest.fixture
 def params(tiny):
-    return sampling.as_tensors(model.init_params(tiny, seed=1))
+    return model.to_tensors(model.init_params(tiny, seed=1))
 
 
 def full_logits(hp, params, toks):
