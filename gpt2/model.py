@@ -130,15 +130,33 @@ def empty_cache(hparams, batch, length=None, dtype=tf.float32):
     return tf.zeros([hparams.n_layer, 2, batch, hparams.n_head, length, hparams.head_dim], dtype)
 
 
+def in_xla():
+    """True while tracing code that XLA will compile (jit_compile=True), where XLA-only ops work."""
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
 def write_cache(cache, present, pos):
     """cache [n_layer, 2, batch, n_head, length, head_dim] with `present` (seq long) put at `pos`."""
-    if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+    if in_xla():
         # Under XLA this is an in-place update of a loop-carried buffer.
         zero = tf.zeros([], tf.int32)
         return xla.dynamic_update_slice(cache, present, [zero] * 4 + [tf.cast(pos, tf.int32), zero])
     seq = tf.shape(present)[4]
     out = tf.concat([cache[:, :, :, :, :pos], present, cache[:, :, :, :, pos + seq:]], axis=4)
     return tf.ensure_shape(out, cache.shape)
+
+
+def embed(params, tokens, positions):
+    """tokens, positions [batch, seq] -> [batch, seq, n_embd]: token plus position embeddings."""
+    return tf.gather(params['wte'], tokens) + tf.gather(params['wpe'], positions)
+
+
+def head(hparams, params, h):
+    """[batch, seq, n_embd] -> logits [batch, seq, n_vocab]: final norm, then the matmul with wte
+    (the output layer is tied to the token embedding)."""
+    h = norm(h, params['ln_f'])
+    logits = tf.matmul(tf.reshape(h, [-1, hparams.n_embd]), params['wte'], transpose_b=True)
+    return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [hparams.n_vocab]], 0))
 
 
 def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
@@ -157,8 +175,7 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
     slots = pos + tf.range(seq)                                   # [seq]
     offset = tf.zeros([tf.shape(tokens)[0]], tf.int32) if start is None else tf.cast(start, tf.int32)
     positions = tf.maximum(slots[None, :] - offset[:, None], 0)   # [batch, seq]
-    wte = params['wte']
-    h = tf.gather(wte, tokens) + tf.gather(params['wpe'], positions)
+    h = embed(params, tokens, positions)
 
     causal = slots[:, None] >= slots[None, :]                     # [seq, seq]
     visible = slots[None, :] >= offset[:, None]                   # [batch, seq]
@@ -176,9 +193,7 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
         h, present = block(h, p, n_head=hparams.n_head, past=past, mask_past=mask_past,
                            mask_new=mask_new)
         presents.append(present)
-    h = norm(h, params['ln_f'])
-    logits = tf.matmul(tf.reshape(h, [-1, hparams.n_embd]), wte, transpose_b=True)  # tied to wte
-    logits = tf.reshape(logits, [tf.shape(tokens)[0], seq, hparams.n_vocab])
+    logits = head(hparams, params, h)
     if cache is not None:
         cache = write_cache(cache, tf.stack(presents), pos)
     return logits, cache

@@ -15,8 +15,6 @@ import tqdm
 # XLA's optimization barrier and the check for an XLA context have no public API in TF 2.
 from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.core.framework import summary_pb2
-from tensorflow.python.framework import ops
-from tensorflow.python.ops import control_flow_util
 
 import encoder as encoder_lib
 from gpt2 import checkpoint
@@ -67,7 +65,7 @@ def logits(hparams, params, tokens, *, recompute=False):
     about a third more compute for memory that no longer grows with n_layer.
     """
     seq = tokens.shape[1]
-    h = tf.gather(params['wte'], tokens) + params['wpe'][:seq]
+    h = model.embed(params, tokens, tf.range(seq)[None])
     mask = tf.linalg.band_part(tf.ones([seq, seq], tf.bool), -1, 0)[None, None]  # [1, 1, seq, seq]
 
     def run_block(x, p):
@@ -80,9 +78,7 @@ def logits(hparams, params, tokens, *, recompute=False):
             h = f(h, *tf.nest.flatten(p))
         else:
             h = run_block(h, p)
-    h = model.norm(h, params['ln_f'])
-    out = tf.matmul(tf.reshape(h, [-1, hparams.n_embd]), params['wte'], transpose_b=True)
-    return tf.reshape(out, [-1, seq, hparams.n_vocab])
+    return model.head(hparams, params, h)
 
 
 def _recomputed(f):
@@ -96,7 +92,7 @@ def _recomputed(f):
     @tf.custom_gradient
     def inner(*args):
         def grad(dy):
-            if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+            if model.in_xla():
                 *xs, dy = xla.optimization_barrier(*args, dy)
             else:
                 with tf.control_dependencies([dy]):
