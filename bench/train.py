@@ -115,10 +115,12 @@ def run(side, batch=0, seq=0, steps=0, warmup=0):
 def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf'):
     gflops = run('gflops')['value']
     print(f'fp32 matmul rate: {gflops:.0f} GFLOP/s')
-    for shape in shapes.split(','):
+    # fire hands a comma list over as a tuple, a single item as a string
+    as_list = lambda v: v.split(',') if isinstance(v, str) else list(v)  # noqa: E731
+    for shape in as_list(shapes):
         batch, seq = map(int, shape.split('x'))
         bound = gflops * 1e9 / train_flops_per_token(seq)
-        res = {s: run(s, batch, seq, steps, warmup) for s in sides.split(',')}
+        res = {s: run(s, batch, seq, steps, warmup) for s in as_list(sides)}
         print(f'\n{batch} x {seq} (FLOP-bound rate {bound:.0f} tokens/s)')
         for s, r in res.items():
             ratio = f'{r["value"] / res["hf"]["value"]:.2f}x HF' if 'hf' in res else ''
