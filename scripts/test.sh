@@ -2,9 +2,5 @@
 # Set up .venv (if needed) and run the test suite. This is the README's test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[cpu,test]'
+. scripts/venv.sh cpu,test
 exec .venv/bin/python -m pytest "$@"

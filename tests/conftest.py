@@ -22,3 +22,16 @@ def tiny():
 def require_shared():
     if not os.path.isdir(OPENAI_117M):
         pytest.skip(f'OpenAI release files not found at {OPENAI_117M} (set GPT2_SHARED)')
+
+
+def run_sample_py(argv, capsys, monkeypatch):
+    """Run sample.py's entry in-process with `argv`; returns (exit code, stdout, stderr)."""
+    import sample
+    monkeypatch.setattr('sys.argv', ['sample.py'] + list(argv))
+    code = 0
+    try:
+        sample.entry()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

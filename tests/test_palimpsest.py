@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling
 from gpt2.errors import UserError
+from tests.conftest import run_sample_py
 
 
 def sharp(hp, seed, scale=4.0):
@@ -193,15 +194,7 @@ def vocab_run(tmp_path):
 
 
 def _run(argv, capsys, monkeypatch):
-    import sample
-    monkeypatch.setattr('sys.argv', ['sample.py', 'palimpsest'] + argv)
-    code = 0
-    try:
-        sample.entry()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_sample_py(['palimpsest', *argv], capsys, monkeypatch)
 
 
 def test_cli_palimpsest_annotates_and_names_output(vocab_run, capsys, monkeypatch):

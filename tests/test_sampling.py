@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from gpt2 import checkpoint, model, sampling
 from gpt2.errors import UserError
+from tests.conftest import run_sample_py
 
 
 @pytest.fixture
@@ -239,15 +240,7 @@ def model_dir(tmp_path):
 
 
 def _run(argv, capsys, monkeypatch):
-    import sample
-    monkeypatch.setattr('sys.argv', ['sample.py'] + argv)
-    code = 0
-    try:
-        sample.entry()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_sample_py(argv, capsys, monkeypatch)
 
 
 def test_cli_samples_reproducibly_and_writes_output(model_dir, capsys, monkeypatch):
