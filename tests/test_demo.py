@@ -40,3 +40,16 @@ def test_demo_runs_every_stage_and_its_outputs_load(tmp_path):
     spans = glob.glob(str(samples / '**' / '*.json'), recursive=True)
     assert spans, os.listdir(samples)
     assert json.loads(open(spans[0], encoding='utf-8').read())
+
+
+def test_demo_reads_the_corpus_given_and_stops_with_the_stages_one_line_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, 'demo.py', '--out', str(tmp_path / 'demo'), '--corpus',
+         str(tmp_path / 'missing.txt')],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert f'encode.py {tmp_path / "missing.txt"}' in done.stdout
+    assert done.stderr.strip().splitlines() == [
+        f'encode.py: error: no such file, folder or glob match: {tmp_path / "missing.txt"}']
+    assert '== train' not in done.stdout
+    assert not (tmp_path / 'demo' / 'python-docs').exists()
