@@ -86,25 +86,29 @@ def _masked(w, mask):
     return tf.where(mask, w, tf.constant(w.dtype.min, w.dtype))
 
 
-def attn(x, p, *, n_head, past=None, mask_past=None, mask_new):
-    """[batch, seq, n_embd] -> ([batch, seq, n_embd], present [2, batch, n_head, seq, head_dim]).
+def attn(x, p, *, n_head, mask, past=None, pos=0):
+    """[batch, seq, n_embd] -> ([batch, seq, n_embd], keys and values [2, batch, n_head, *, head_dim]).
 
-    `past` is a fixed-size buffer [2, batch, n_head, cache_len, head_dim] whose slots are visible
-    where `mask_past` [batch, 1, seq, cache_len] is true; the new keys are visible under `mask_new`
-    [batch, 1, seq, seq]. Scores are computed against the buffer and the new keys separately, so the
-    buffer is read once and never copied or concatenated.
+    Without `past` the queries attend to the new keys under `mask` [batch, 1, seq, seq] and the
+    second result is OpenAI's `present` (the new keys and values). With `past`, this layer's
+    fixed-size buffer [2, batch, n_head, length, head_dim], the new keys and values are written into
+    it at slots pos..pos+seq-1 first, the queries attend over the whole buffer under `mask`
+    [batch, 1, seq, length], and the second result is the updated buffer.
     """
     q, k, v = [_split_heads(t, n_head) for t in tf.split(linear(x, p['c_attn']), 3, axis=2)]
+    present = tf.stack([k, v])
+    if past is not None:
+        present = write_cache(past, present, pos)
+        k, v = present[0], present[1]
     scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
-    w_new = _masked(tf.matmul(q, k, transpose_b=True) * scale, mask_new)
-    if past is None:
-        a = tf.matmul(tf.nn.softmax(w_new), v)
+    if q.shape[2] == 1:
+        # One query per row (a decode step): a broadcast product and a sum, which XLA streams
+        # through in one pass, instead of batch x n_head matmuls with one row each.
+        w = tf.nn.softmax(_masked(tf.reduce_sum(q * k, axis=-1)[:, :, None] * scale, mask))
+        a = tf.reduce_sum(tf.transpose(w, [0, 1, 3, 2]) * v, axis=2, keepdims=True)
     else:
-        w_past = _masked(tf.matmul(q, past[0], transpose_b=True) * scale, mask_past)
-        w = tf.nn.softmax(tf.concat([w_past, w_new], axis=-1))
-        n = past.shape[-2]
-        a = tf.matmul(w[..., :n], past[1]) + tf.matmul(w[..., n:], v)
-    return linear(_merge_heads(a), p['c_proj']), tf.stack([k, v])
+        a = tf.matmul(tf.nn.softmax(_masked(tf.matmul(q, k, transpose_b=True) * scale, mask)), v)
+    return linear(_merge_heads(a), p['c_proj']), present
 
 
 def mlp(x, p):
@@ -112,22 +116,25 @@ def mlp(x, p):
     return linear(gelu(linear(x, p['c_fc'])), p['c_proj'])
 
 
-def block(x, p, *, n_head, past=None, mask_past=None, mask_new):
-    """One pre-norm transformer block; returns the new x and this layer's keys and values."""
-    a, present = attn(norm(x, p['ln_1']), p['attn'], n_head=n_head, past=past,
-                      mask_past=mask_past, mask_new=mask_new)
+def block(x, p, *, n_head, mask, past=None, pos=0):
+    """One pre-norm transformer block; returns the new x and this layer's keys and values (see
+    attn)."""
+    a, present = attn(norm(x, p['ln_1']), p['attn'], n_head=n_head, mask=mask, past=past, pos=pos)
     x = x + a
     return x + mlp(norm(x, p['ln_2']), p['mlp']), present
 
 
 def empty_cache(hparams, batch, length=None, dtype=tf.float32):
-    """A zeroed key/value buffer [n_layer, 2, batch, n_head, length, head_dim] (length <= n_ctx).
+    """A zeroed key/value buffer per layer: a tuple of n_layer [2, batch, n_head, length, head_dim]
+    (OpenAI's `present` shape, length <= n_ctx).
 
     Its size is fixed, so a decode step compiles once; give `length` as the tokens a run needs
-    (prompt + new) to read and write less than a full n_ctx buffer.
+    (prompt + new) to read and write less than a full n_ctx buffer. One buffer per layer, so XLA
+    updates each in place without copying the others.
     """
     length = hparams.n_ctx if length is None else length
-    return tf.zeros([hparams.n_layer, 2, batch, hparams.n_head, length, hparams.head_dim], dtype)
+    shape = [2, batch, hparams.n_head, length, hparams.head_dim]
+    return tuple(tf.zeros(shape, dtype) for _ in range(hparams.n_layer))
 
 
 def in_xla():
@@ -135,15 +142,17 @@ def in_xla():
     return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
-def write_cache(cache, present, pos):
-    """cache [n_layer, 2, batch, n_head, length, head_dim] with `present` (seq long) put at `pos`."""
+def write_cache(buffer, present, pos):
+    """A layer's buffer [2, batch, n_head, length, head_dim] with `present` (seq long) put at
+    `pos`."""
     if in_xla():
         # Under XLA this is an in-place update of a loop-carried buffer.
         zero = tf.zeros([], tf.int32)
-        return xla.dynamic_update_slice(cache, present, [zero] * 4 + [tf.cast(pos, tf.int32), zero])
-    seq = tf.shape(present)[4]
-    out = tf.concat([cache[:, :, :, :, :pos], present, cache[:, :, :, :, pos + seq:]], axis=4)
-    return tf.ensure_shape(out, cache.shape)
+        return xla.dynamic_update_slice(buffer, present,
+                                        [zero] * 3 + [tf.cast(pos, tf.int32), zero])
+    seq = tf.shape(present)[3]
+    out = tf.concat([buffer[:, :, :, :pos], present, buffer[:, :, :, pos + seq:]], axis=3)
+    return tf.ensure_shape(out, buffer.shape)
 
 
 def embed(params, tokens, positions):
@@ -163,9 +172,9 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
     """tokens [batch, seq] -> (logits [batch, seq, n_vocab], cache).
 
     Without a cache this is OpenAI's model() over the whole sequence, and the returned cache is None.
-    With a cache (see empty_cache) the tokens occupy slots pos..pos+seq-1: they attend to slots
-    before `pos` and causally to each other, and the returned cache has their keys and values written
-    in. `start` [batch] (optional) marks each row's first real slot: slots before it are left padding,
+    With a cache (a buffer per layer, see empty_cache) the tokens occupy slots pos..pos+seq-1: they
+    attend to slots before `pos` and causally to each other, and the returned cache has their keys
+    and values written in. `start` [batch] (optional) marks each row's first real slot: slots before it are left padding,
     invisible to attention, and positions count from it, so prompts of different lengths can share
     one batch (right-aligned) and give what each would alone.
     """
@@ -177,26 +186,20 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
     positions = tf.maximum(slots[None, :] - offset[:, None], 0)   # [batch, seq]
     h = embed(params, tokens, positions)
 
-    causal = slots[:, None] >= slots[None, :]                     # [seq, seq]
-    visible = slots[None, :] >= offset[:, None]                   # [batch, seq]
-    mask_new = (causal[None] & visible[:, None, :])[:, None]      # [batch, 1, seq, seq]
-    mask_past = None
-    if cache is not None:
-        idx = tf.range(cache.shape[-2])                           # [length]
-        past_ok = (idx[None, :] < pos) & (idx[None, :] >= offset[:, None])  # [batch, length]
-        mask_past = tf.broadcast_to(past_ok[:, None, None, :],
-                                    [tf.shape(tokens)[0], 1, seq, cache.shape[-2]])
+    if cache is None:
+        keys = slots                                              # attend to the new tokens
+    else:
+        keys = tf.range(cache[0].shape[-2])                       # attend over the whole buffer
+    # A query sees the keys at or before its slot, from its row's first real slot on.
+    mask = ((keys[None, None, :] <= slots[None, :, None]) &
+            (keys[None, None, :] >= offset[:, None, None]))[:, None]   # [batch, 1, seq, keys]
 
     presents = []
     for i, p in enumerate(params['h']):
-        past = None if cache is None else cache[i]
-        h, present = block(h, p, n_head=hparams.n_head, past=past, mask_past=mask_past,
-                           mask_new=mask_new)
+        h, present = block(h, p, n_head=hparams.n_head, mask=mask,
+                           past=None if cache is None else cache[i], pos=pos)
         presents.append(present)
-    logits = head(hparams, params, h)
-    if cache is not None:
-        cache = write_cache(cache, tf.stack(presents), pos)
-    return logits, cache
+    return head(hparams, params, h), None if cache is None else tuple(presents)
 
 
 def make_forward(hparams, *, jit_compile=None):

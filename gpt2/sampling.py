@@ -153,7 +153,8 @@ def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, top
             tok = choose(logits, temperature=controls['temperature'], top_k=top_k,
                          top_p=controls['top_p'] if top_p else None, noise=noise)
             out = tf.where(cols == i, tf.where(done, PAD, tok)[:, None], out)
-            seen = seen | tf.cast(tf.one_hot(tok, hparams.n_vocab, dtype=tf.int8), tf.bool)
+            if penalty:
+                seen = seen | tf.cast(tf.one_hot(tok, hparams.n_vocab, dtype=tf.int8), tf.bool)
             done = done | tf.gather(controls['stop_mask'], tok)
             return i + 1, tuple(new_caches), tok, pos + 1, step + 1, seen, done, out
 

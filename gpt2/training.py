@@ -69,7 +69,7 @@ def logits(hparams, params, tokens, *, recompute=False):
     mask = tf.linalg.band_part(tf.ones([seq, seq], tf.bool), -1, 0)[None, None]  # [1, 1, seq, seq]
 
     def run_block(x, p):
-        return model.block(x, p, n_head=hparams.n_head, mask_new=mask)[0]
+        return model.block(x, p, n_head=hparams.n_head, mask=mask)[0]
 
     for p in params['h']:
         if recompute:

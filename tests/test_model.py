@@ -96,7 +96,8 @@ def test_cached_decoding_equals_full_recompute_at_every_position(tiny, prefill):
     inc, cache = decode_incrementally(fn, tiny, p, toks, prefill, tiny.n_ctx)
     np.testing.assert_allclose(inc, full.numpy(), atol=1e-5)
     # The cache holds exactly the keys/values a full pass computes (OpenAI's `present`).
-    assert cache.shape == (tiny.n_layer, 2, 2, tiny.n_head, tiny.n_ctx, tiny.head_dim)
+    assert len(cache) == tiny.n_layer
+    assert all(c.shape == (2, 2, tiny.n_head, tiny.n_ctx, tiny.head_dim) for c in cache)
 
 
 def test_cache_shorter_than_n_ctx_and_stale_slots_are_ignored(tiny):
@@ -105,7 +106,8 @@ def test_cache_shorter_than_n_ctx_and_stale_slots_are_ignored(tiny):
     full, _ = model.forward(tiny, p, toks)
     fn = lambda *a: eager(*a, hp=tiny)  # noqa: E731
     # A cache full of garbage past `pos` must not change anything.
-    cache = tf.random.normal([tiny.n_layer, 2, 1, tiny.n_head, 16, tiny.head_dim])
+    cache = tuple(tf.random.normal([2, 1, tiny.n_head, 16, tiny.head_dim])
+                  for _ in range(tiny.n_layer))
     logits, cache = fn(p, toks[:, :4], cache, 0)
     out = [logits]
     for i in range(4, 12):
