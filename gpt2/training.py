@@ -49,6 +49,8 @@ ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default; the other optimizers defau
 # TF's own kernels at the 124M shape (BENCHMARKS.md).
 JIT_COMPILE = True
 
+LOSS_ROWS = 256  # rows of logits the fused output layer and loss hold at once
+
 SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
 VOCAB_FILES = ('encoder.json', 'vocab.bpe')
 SCHEDULES = ('constant', 'linear', 'cosine')
@@ -57,12 +59,12 @@ _ENCODER_DIR = os.path.dirname(os.path.abspath(encoder_lib.__file__))
 
 # ---------------------------------------------------------------- loss
 
-def logits(hparams, params, tokens, *, recompute=False):
-    """tokens [batch, seq] -> logits [batch, seq, n_vocab], the model without a cache.
+def hidden(hparams, params, tokens, *, recompute=False):
+    """tokens [batch, seq] -> the last block's output [batch, seq, n_embd], without a cache.
 
-    The same math as model.forward(cache=None); with `recompute`, each block's activations are
-    dropped after the forward pass and recomputed during backprop (tf.recompute_grad), trading
-    about a third more compute for memory that no longer grows with n_layer.
+    The same math as model.forward(cache=None) up to the head; with `recompute`, each block's
+    activations are dropped after the forward pass and recomputed during backprop, trading about a
+    third more compute for memory that no longer grows with n_layer.
     """
     seq = tokens.shape[1]
     h = model.embed(params, tokens, tf.range(seq)[None])
@@ -78,7 +80,7 @@ def logits(hparams, params, tokens, *, recompute=False):
             h = f(h, *tf.nest.flatten(p))
         else:
             h = run_block(h, p)
-    return model.head(hparams, params, h)
+    return h
 
 
 def _recomputed(f):
@@ -105,11 +107,54 @@ def _recomputed(f):
     return inner
 
 
-def loss_fn(hparams, params, inputs, targets, *, recompute=False):
-    """Mean cross-entropy of predicting targets [batch, seq] from inputs [batch, seq]."""
-    out = logits(hparams, params, inputs, recompute=recompute)
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=out))
+def loss_fn(hparams, params, inputs, targets, *, recompute=False, fused=True):
+    """Mean cross-entropy of predicting targets [batch, seq] from inputs [batch, seq].
+
+    `fused` computes the output layer and the loss a block of rows at a time, gradients included
+    (see fused_head_loss); otherwise through model.head's whole [batch, seq, n_vocab] logits."""
+    h = hidden(hparams, params, inputs, recompute=recompute)
+    if fused:
+        x = tf.reshape(model.norm(h, params['ln_f']), [-1, hparams.n_embd])
+        return fused_head_loss(x, params['wte'], tf.reshape(targets, [-1]))
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=targets, logits=model.head(hparams, params, h)))
+
+
+def fused_head_loss(x, wte, targets, *, rows=LOSS_ROWS):
+    """Mean cross-entropy of targets [n] under logits x [n, n_embd] @ wte^T, with its gradients
+    for x and wte worked out in the same pass, a block of at most `rows` rows at a time in a loop:
+    the [n, n_vocab] logits, their softmax and its gradient never exist whole (at 1 x 1024 on 124M
+    they are 206 MB each), and nothing is recomputed. A row's loss has gradient softmax - one_hot
+    for its logits.
+    """
+    n, d = x.shape
+    rows = max(r for r in range(1, min(rows, n) + 1) if n % r == 0)  # blocks of one static size
+    n_vocab = wte.shape[0]
+
+    @tf.custom_gradient
+    def loss(x, wte):
+        def body(i, total, dx, dwte):
+            xi = tf.slice(x, [i * rows, 0], [rows, d])
+            ti = tf.slice(targets, [i * rows], [rows])
+            logits = tf.matmul(xi, wte, transpose_b=True)               # [rows, n_vocab]
+            lse = tf.reduce_logsumexp(logits, axis=-1)
+            total += tf.reduce_sum(lse - tf.gather(logits, ti, batch_dims=1))
+            g = tf.exp(logits - lse[:, None]) - tf.one_hot(ti, n_vocab, dtype=x.dtype)
+            # One wte-sized buffer carried through the loop, added to in place.
+            return i + 1, total, dx.write(i, tf.matmul(g, wte)), dwte + tf.matmul(g, xi,
+                                                                               transpose_a=True)
+
+        _, total, dx, dwte = tf.while_loop(
+            lambda i, *_: i < n // rows, body,
+            (tf.constant(0), tf.zeros([], x.dtype), tf.TensorArray(x.dtype, size=n // rows),
+             tf.zeros_like(wte)), maximum_iterations=n // rows)
+
+        def grad(dy):
+            scale = dy / n
+            return tf.reshape(dx.stack(), [n, d]) * scale, dwte * scale
+        return total / n, grad
+
+    return loss(x, wte)
 
 
 def loss_and_grads(hparams, params, windows, *, names=None, recompute=False, inputs=None):
@@ -329,7 +374,7 @@ def make_eval_step(hparams, *, jit_compile=JIT_COMPILE):
     """A compiled loss(params, windows [batch, seq+1]) -> mean next-token cross-entropy."""
     @tf.function(jit_compile=jit_compile)
     def step(params, windows):
-        return loss_fn(hparams, params, windows[:, :-1], windows[:, 1:])
+        return loss_fn(hparams, params, windows[:, :-1], windows[:, 1:], fused=False)
     return lambda params, windows: step(params, tf.constant(windows, tf.int32))
 
 

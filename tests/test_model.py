@@ -51,7 +51,10 @@ def tokens_for(hp, batch, seq, seed=0):
     return np.random.default_rng(seed).integers(0, hp.n_vocab, [batch, seq]).astype(np.int32)
 
 
-def test_forward_matches_numpy_reference(tiny):
+@pytest.mark.parametrize('block', [None, 8])
+def test_forward_matches_numpy_reference(tiny, block, monkeypatch):
+    if block:  # causal attention a block of queries at a time (4 blocks of 8 over n_ctx=32)
+        monkeypatch.setattr(model, 'ATTN_BLOCK', block)
     p = random_params(tiny, 0)
     toks = tokens_for(tiny, 3, tiny.n_ctx)
     ours, cache = model.forward(tiny, p, toks)
@@ -163,3 +166,17 @@ def test_gradients_flow_through_variables(tiny):
     grads = tape.gradient(loss, p)
     assert all(g is not None for g in tf.nest.flatten(grads))
     assert 3 < float(loss) < 6  # about ln(97) for a fresh model
+
+
+def test_gelu_gradient_equals_autodiff_of_the_formula():
+    """gelu's hand-written gradient (it recomputes the tanh) against TensorFlow's own."""
+    x = tf.constant(np.linspace(-6, 6, 101, dtype=np.float32))
+
+    def formula(x):
+        return 0.5 * x * (1 + tf.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, ref = model.gelu(x), formula(x)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(ours, x), tape.gradient(ref, x), atol=1e-6)

@@ -154,6 +154,29 @@ def test_recompute_gives_the_same_gradients(tiny, jit_compile):
         np.testing.assert_allclose(grads[True][1][k], g, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize('jit_compile', [False, True])
+def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_compile):
+    """Blocks of 4 rows over 10 (a short last block) against softmax cross-entropy on the whole
+    logits, differentiated by TensorFlow."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal([10, 8], dtype=np.float32))
+    wte = tf.constant(rng.standard_normal([13, 8], dtype=np.float32))
+    t = tf.constant(rng.integers(0, 13, [10]), tf.int32)
+
+    def both(x, wte):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, wte])
+            fused = 3 * training.fused_head_loss(x, wte, t, rows=4)   # an upstream gradient != 1
+            plain = 3 * tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=t, logits=tf.matmul(x, wte, transpose_b=True)))
+        return fused, plain, tape.gradient(fused, [x, wte]), tape.gradient(plain, [x, wte])
+
+    fused, plain, g_fused, g_plain = tf.function(both, jit_compile=jit_compile)(x, wte)
+    np.testing.assert_allclose(fused, plain, rtol=1e-6)
+    for a, b in zip(g_fused, g_plain):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_transformer_only_leaves_the_embeddings_and_ln_f(tmp_path, tiny, data):
     out = _train(tmp_path, tiny, data, steps=3, only_train_transformer_layers=True)
     after = _leaves(checkpoint.load_params(out['prefix'])[0])
