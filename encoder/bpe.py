@@ -95,13 +95,22 @@ class Encoder:
         self.eot_token = self.special_tokens.get(EOT)
         self._byte_table = [self.byte_encoder[b] for b in range(256)]
         size = max(self.decoder) + 1
-        self._token_bytes = [b''] * size
-        for i, t in self.decoder.items():
-            self._token_bytes[i] = bytes(self.byte_decoder[c] for c in t)
         self._special_bytes = {i: t.encode('utf-8') for t, i in self.special_tokens.items()}
         # Ids are packed as little-endian uint16 when the vocabulary fits (GPT-2's does).
         self.dtype = np.dtype('<u2' if size <= 1 << 16 else '<u4')
         self._words = _WordCache(self._encode_word, self.dtype)
+
+    @functools.cached_property
+    def _token_bytes(self):
+        """id -> the bytes of its token; built on first decode (encoding never needs it, and a
+        vocabulary load is on the critical path of every encode.py run)."""
+        # str.translate maps each character back to the byte it stands for (as a code point
+        # below 256), so encoding to latin-1 gives those bytes: all in C.
+        table = str.maketrans({c: chr(b) for c, b in self.byte_decoder.items()})
+        out = [b''] * (max(self.decoder) + 1)
+        for i, t in self.decoder.items():
+            out[i] = t.translate(table).encode('latin-1')
+        return out
 
     @property
     def n_vocab(self):
