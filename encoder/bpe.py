@@ -30,13 +30,13 @@ def _bmp_pattern():
     bmp = ''.join(map(chr, range(0x10000)))
 
     def ranges(prop):
-        cps = [ord(c) for c in regex.findall(prop, bmp)]
-        spans, start = [], cps[0]
-        for prev, cur in zip(cps, cps[1:] + [None]):
-            if cur != prev + 1:
-                spans.append(re.escape(chr(start)) + ('-' + re.escape(chr(prev)) if prev > start
-                                                      else ''))
-                start = cur
+        # In `bmp` index = code point, so each run of matches is one range (a few hundred runs,
+        # where a list of every matching code point took ~15 ms of each encode.py run).
+        spans = []
+        for m in regex.finditer(prop + '+', bmp):
+            first, last = m.start(), m.end() - 1
+            spans.append(re.escape(chr(first)) + ('-' + re.escape(chr(last)) if last > first
+                                                  else ''))
         return ''.join(spans)
 
     L, N, S = ranges(r'\p{L}'), ranges(r'\p{N}'), ranges(r'\s')
@@ -154,6 +154,23 @@ class Encoder:
     def _ordinary_bytes(self, text):
         # map/join run in C; only words never seen before reach Python (_WordCache.__missing__).
         return b''.join(map(self._words.__getitem__, pretokenize(text)))
+
+    @property
+    def word_count(self):
+        """How many words the word cache holds."""
+        return len(self._words)
+
+    def words_since(self, count):
+        """The (word, packed ids) pairs the word cache gained after it held `count` words (all it
+        holds if it was emptied since). With add_words, processes encoding one corpus share their
+        BPE work instead of each repeating it for every word."""
+        return list(itertools.islice(self._words.items(), count if count <= len(self._words)
+                                     else 0, None))
+
+    def add_words(self, pairs):
+        """Put (word, packed ids) pairs from another encoder of the same vocabulary (see
+        words_since) in the word cache."""
+        self._words.update(pairs)
 
     def encode_ordinary(self, text):
         """Ids of `text`, treating every character as text (special tokens included)."""
