@@ -2,7 +2,6 @@
 in worker processes, joined into chunks of documents separated by <|endoftext|>, written as .npz."""
 import codecs
 import csv
-import functools
 import glob
 import io
 import multiprocessing
@@ -52,12 +51,6 @@ def expand_paths(paths):
 # Reading text in pieces
 
 
-@functools.lru_cache(maxsize=None)
-def _spaces():
-    """The characters PATTERN's \\s matches (Unicode White_Space, all in the BMP)."""
-    return frozenset(regex.findall(r'\s', ''.join(map(chr, range(0x10000)))))
-
-
 def cut_point(text):
     """An index p (0 < p < len) at which encoding text[:p] and text[p:] apart gives the same ids
     as encoding text whole, as late as possible and at a line end when there is one; 0 if none.
@@ -65,11 +58,10 @@ def cut_point(text):
     p is safe when text[p-1] is not whitespace and text[p] is: no token of PATTERN spans a
     non-space followed by a space, and no token before p looks past text[p-1]. So the cut goes
     just after the last visible character of a line (before its newline and trailing blanks)."""
-    spaces = _spaces()
     end = text.rfind('\n')
     while end > 0:
         p = end
-        while p > 0 and text[p - 1] in spaces:
+        while p > 0 and _SPACE.match(text, p - 1):
             p -= 1
         if p > 0:
             return p
@@ -79,6 +71,7 @@ def cut_point(text):
     return m.start() + 1 if m else 0
 
 
+_SPACE = regex.compile(r'\s')  # PATTERN's whitespace
 _LAST_VISIBLE_THEN_SPACE = regex.compile(r'(?r)\S\s')  # (?r): search from the end
 
 
@@ -129,17 +122,22 @@ def read_blocks(path, *, encoding='utf-8', errors='strict', block=BLOCK_BYTES):
 
 
 def read_pieces(path, *, piece_chars=PIECE_CHARS, **kw):
-    """Yield (text, nbytes) pieces of about `piece_chars` characters whose encodings concatenate
-    to the encoding of the whole file (see cut_point); memory stays near one piece."""
+    """Yield (text, nbytes) pieces of at most about `piece_chars` characters whose encodings
+    concatenate to the encoding of the whole file (see cut_point); memory stays near one read
+    block. A block's bytes are shared among its pieces in proportion to their length."""
     buf, nbytes = '', 0
     for text, n in read_blocks(path, **kw):
         buf += text
         nbytes += n
-        if len(buf) >= piece_chars:
-            p = cut_point(buf)
-            if p:  # else no safe cut yet (no whitespace at all): read on
-                yield buf[:p], nbytes
-                buf, nbytes = buf[p:], 0
+        while len(buf) >= piece_chars:
+            # Cut within the first piece_chars if possible, so pieces stay small (they are the
+            # unit of work for the encoding processes); else as late as possible.
+            p = cut_point(buf[:piece_chars]) or cut_point(buf)
+            if not p:  # no safe cut yet (no whitespace at all): read on
+                break
+            share = nbytes * p // len(buf)
+            yield buf[:p], share
+            buf, nbytes = buf[p:], nbytes - share
     if buf or nbytes:
         yield buf, nbytes
 
@@ -246,14 +244,19 @@ def corpus_items(paths, *, column=0, header=True, encoding='utf-8', errors='stri
 _worker = {}
 
 
-def _init_worker(model_dir, allowed, enc=None):
-    _worker['enc'] = enc or encoder_lib.get_encoder(model_dir)
+def _init_worker(enc, allowed):
+    _worker['enc'] = enc
     _worker['allowed'] = allowed
 
 
-def _encode_texts(texts):
+def _encode_texts(texts, learned=()):
+    """-> (token arrays, the words this process learned meanwhile); `learned`: words another
+    process learned (see Encoder.words_since), added to this one's cache first."""
     enc, allowed = _worker['enc'], _worker['allowed']
-    return [enc.encode_array(t, allowed_special=allowed) for t in texts]
+    enc.add_words(learned)
+    count = enc.word_count
+    arrays = [enc.encode_array(t, allowed_special=allowed) for t in texts]
+    return arrays, enc.words_since(count)
 
 
 class _Done:
@@ -262,43 +265,66 @@ class _Done:
     def __init__(self, value):
         self.value = value
 
+    def ready(self):
+        return True
+
     def get(self):
         return self.value
 
 
 def _encoded(items, *, model_dir, enc, allowed, workers, piece_chars):
-    """`items` in order, each text replaced by its token array, encoded by `workers` processes.
+    """`items` in order, each text replaced by its token array, encoded by `workers` processes:
+    this one and `workers - 1` forked from it.
 
-    Texts are grouped into tasks of about `piece_chars` characters; at most 2 tasks per worker
-    are in flight, so reading never runs far ahead of encoding (bounded memory)."""
-    pool = None
+    Texts are grouped into tasks of at most about `piece_chars` characters. A task goes to the
+    pool while it has fewer than 2 tasks per worker waiting (so none idles), else it is encoded
+    here rather than waiting; results are yielded in order, and at most 2 tasks per process are
+    held, so reading never runs far ahead of encoding (bounded memory). The BPE of a new word
+    costs far more than pre-tokenising its text, so the processes pass the words each learns
+    to the others with the tasks and results (only through this process: workers > 2 still
+    repeat some of each other's work)."""
+    enc = enc or encoder_lib.get_encoder(model_dir)
+    _init_worker(enc, allowed)
+    pool, queued, learned = None, 0, []  # learned: words to pass to the next worker task
     if workers > 1:
-        # Load the vocabulary and compile the pattern here, so forked workers inherit them.
-        encoder_lib.get_encoder(model_dir).encode_array('warm up')
-        pool = multiprocessing.get_context().Pool(workers, _init_worker, (model_dir, allowed))
-        submit = lambda texts: pool.apply_async(_encode_texts, (texts,))  # noqa: E731
-    else:
-        _init_worker(model_dir, allowed, enc)
-        submit = lambda texts: _Done(_encode_texts(texts))  # noqa: E731
+        # Compile the pattern first, so the forked workers inherit it with the vocabulary.
+        enc.encode_array('warm up')
+        pool = multiprocessing.get_context().Pool(workers - 1, _init_worker, (enc, allowed))
+        queued = 2 * (workers - 1)
     try:
-        pending, task, size = deque(), [], 0
+        pending, task, size = deque(), [], 0  # pending: (items or None, result, in the pool)
 
         def flush():
-            if task:
-                pending.append((task[:], submit([it[1] for it in task])))
-                task.clear()
+            if not task:
+                return
+            texts = [it[1] for it in task]
+            if sum(not r.ready() for _, r, _ in pending) < queued:
+                pending.append((task[:], pool.apply_async(_encode_texts, (texts, learned[:])),
+                                True))
+                learned.clear()
+            else:
+                arrays, words = _encode_texts(texts)
+                learned.extend(words)
+                pending.append((task[:], _Done((arrays, ())), False))
+            task.clear()
 
         def ready(limit):
-            while len(pending) > limit:
-                group, result = pending.popleft()
+            while pending and (len(pending) > limit or pending[0][1].ready()):
+                group, result, pooled = pending.popleft()
                 if group is None:
                     yield result.get()
                     continue
-                for item, tokens in zip(group, result.get()):
+                arrays, words = result.get()
+                if pooled:
+                    enc.add_words(words)
+                for item, tokens in zip(group, arrays):
                     yield (TEXT, tokens, *item[2:], len(item[1]))
 
         for item in items:
             if item[0] == TEXT:
+                if task and size + len(item[1]) > piece_chars:
+                    flush()
+                    size = 0
                 task.append(item)
                 size += len(item[1])
                 if size >= piece_chars:
@@ -307,7 +333,7 @@ def _encoded(items, *, model_dir, enc, allowed, workers, piece_chars):
             else:
                 flush()
                 size = 0
-                pending.append((None, _Done(item)))
+                pending.append((None, _Done(item), False))
             yield from ready(2 * workers)
         flush()
         yield from ready(0)
