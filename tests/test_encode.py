@@ -1,5 +1,6 @@
 """encode.py, gpt2.encoding and gpt2.mixture: the .npz format, separators, csv, streaming pieces,
 workers, mixtures, and every bad input as one line."""
+import csv
 import os
 import subprocess
 import sys
@@ -98,6 +99,17 @@ def test_pieces_of_a_real_text_encode_as_the_whole(tmp_path):
     assert ids == ENC.encode(text)
 
 
+def test_a_large_read_block_is_cut_into_pieces_of_the_piece_size(tmp_path):
+    # Pieces are the unit of work for the encoding processes: a 1 MB read block must not
+    # become a single 1 MB task. The block's bytes are shared among its pieces.
+    text = _corpus_sample()
+    path = _write(tmp_path / 'c.txt', text)
+    pieces = list(encoding.read_pieces(path, piece_chars=3000, block=1 << 20))
+    assert len(pieces) > 15 and all(len(p) <= 3000 for p, _ in pieces)
+    assert ''.join(p for p, _ in pieces) == text
+    assert all(n > 0 for _, n in pieces) and sum(n for _, n in pieces) == os.path.getsize(path)
+
+
 def test_pieces_are_bounded_by_the_piece_size_not_the_file(tmp_path):
     path = _write(tmp_path / 'big.txt', 'word ' * 10 + ('line of text\n' * 40000))
     sizes = [len(p) for p, _ in encoding.read_pieces(path, piece_chars=4096, block=1024)]
@@ -175,6 +187,35 @@ def test_workers_give_the_same_file_as_one_process(tmp_path):
     assert [c.tolist() for c in one] == [c.tolist() for c in two]
     whole = ENC.encode(text[:10000]) + [EOT] + ENC.encode(text[10000:20000])
     assert one[0].tolist() == whole
+
+
+@pytest.mark.parametrize('workers', [2, 3])
+def test_workers_keep_every_kind_of_input_in_order(tmp_path, workers):
+    # Many small tasks (piece_chars=1500) over a long file, a folder, a .csv and an .npz, so
+    # the pool, this process and the words they pass each other all take part.
+    text = _corpus_sample(30000)
+    (tmp_path / 'folder').mkdir()
+    long = _write(tmp_path / 'long.txt', text[:20000])
+    _write(tmp_path / 'folder' / 'a.txt', text[20000:24000])
+    _write(tmp_path / 'folder' / 'b.txt', text[24000:26000])
+    rows = [text[26000 + i * 500:26500 + i * 500] for i in range(8)]
+    with open(tmp_path / 'rows.csv', 'w', encoding='utf-8', newline='') as f:
+        csv.writer(f).writerows([['text']] + [[r] for r in rows])
+    np.savez(tmp_path / 'pre.npz', np.array([7, 8, 9]))
+    inputs = [long, str(tmp_path / 'pre.npz'), str(tmp_path / 'folder'),
+              str(tmp_path / 'rows.csv')]
+    kw = dict(piece_chars=1500, combine=3000)
+    one, _, _ = _encode(tmp_path, inputs, workers=1, **kw)
+    many, _, _ = _encode(tmp_path, inputs, workers=workers, **kw)
+    assert [c.tolist() for c in many] == [c.tolist() for c in one]
+
+    def joined(docs):
+        return [i for d in docs for i in [EOT] + ENC.encode(d)][1:]
+
+    # A chunk closes at the document that brings it to 3000 characters.
+    expected = [ENC.encode(text[:20000]), [7, 8, 9], ENC.encode(text[20000:24000]),
+                joined([text[24000:26000]] + rows[:2]), joined(rows[2:])]
+    assert [c.tolist() for c in one] == expected
 
 
 def test_large_chunk_spills_to_disk_with_the_same_result(tmp_path, monkeypatch):

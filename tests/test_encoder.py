@@ -101,3 +101,22 @@ def test_decode_inverts_encode_on_any_unicode(enc, text):
 @given(st.text(alphabet=st.sampled_from(list("ab 'sll\n\t1é北👍\u00a0<|>endoftx")), max_size=40))
 def test_tricky_alphabet_matches_tiktoken(enc, oracle, text):
     assert enc.encode(text) == oracle.encode_ordinary(text)
+
+
+def test_learned_words_pass_to_another_encoder(monkeypatch):
+    # What --workers relies on: words one encoder learned, given to another, give the same ids
+    # there without running BPE again.
+    from encoder import bpe
+    text = 'Antidisestablishmentarianism, naïveté and 北京 in one sentence.'
+    first, second = (bpe._load.__wrapped__(*bpe._vocab_files(None)) for _ in range(2))
+    count = first.word_count
+    expected = first.encode(text)
+    learned = first.words_since(count)
+    assert len(learned) == len(set(bpe.pretokenize(text))) == first.word_count - count
+    assert first.words_since(first.word_count) == []
+    assert first.words_since(first.word_count + 5) == learned  # the cache was emptied since
+    second.add_words(learned)
+    monkeypatch.setattr(second, '_bpe', lambda word: pytest.fail(f'BPE ran for {word!r}'))
+    before = second.word_count
+    assert second.encode(text) == expected
+    assert second.word_count == before  # every word came from `first`
