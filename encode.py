@@ -50,7 +50,7 @@ def encode(*paths, combine=encoding_lib.COMBINE, separator=True, eot_in_text=Tru
             if it has its own; default, and for any model folder without them: GPT-2's built-in
             vocabulary, which every released GPT-2 model shares.
         models_dir: the folder holding model folders.
-        workers: processes encoding in parallel (default: every core).
+        workers: processes encoding in parallel, this one included (default: every core).
         compress: deflate the .npz (--nocompress: store, faster to write, about 2x larger).
         quiet: no progress bar or summary.
     """

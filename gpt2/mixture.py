@@ -160,8 +160,6 @@ def encode_mixture(sources, output, *, unit='line', min_chars=1, max_chars=None,
     """Mix `sources` and encode the mixture (one document) into the token .npz `output`; with
     `text_out`, also write the mixed text there (atomically, like the .npz).
     `kw` goes to encoding.encode_items (model_dir, eot_in_text). -> stats dict."""
-    from tqdm import tqdm
-
     sources = [str(s) for s in sources]
     mixed = mixture(sources, unit=unit, min_chars=min_chars, max_chars=max_chars,
                     strip_punct=strip_punct, strip_digits=strip_digits, until=until,
@@ -184,11 +182,10 @@ def encode_mixture(sources, output, *, unit='line', min_chars=1, max_chars=None,
         if text_out is not None:
             tmp = encoding.temp_name(text_out)
             out = open(tmp, 'x', encoding='utf-8', newline='')
-        with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
-                  disable=None if progress else True, desc='mixing', leave=False) as bar:
+        with encoding.progress_bar(total, 'mixing', progress) as update:
             items = mixture_items(mixed, unit, text_out=out, piece_chars=piece_chars)
             stream = encoding.encode_items(items, workers=workers, piece_chars=piece_chars,
-                                           combine=0, progress=bar.update, **kw)
+                                           combine=0, progress=update, **kw)
             chunks, tokens = encoding.write_npz(stream, output, compress=compress)
         if out is not None:
             out.close()

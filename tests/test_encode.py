@@ -359,3 +359,14 @@ def test_mixture_text_out_is_what_is_encoded(tmp_path):
         mixture.encode_mixture([a, b], out, unit='word', progress=False)
     with pytest.raises(UserError, match='no such file'):
         mixture.encode_mixture([a, str(tmp_path / 'nope')], out, progress=False)
+
+
+def test_progress_bar_is_skipped_when_off(tmp_path):
+    with encoding.progress_bar(100, 'encoding', enabled=False) as update:
+        assert update is None
+    with encoding.progress_bar(100, 'encoding') as update:
+        update(40)  # tqdm's update, silent off a terminal
+    a = _write(tmp_path / 'a.txt', 'counted in bytes')
+    seen = []
+    list(encoding.encode_items(encoding.corpus_items([a]), progress=seen.append))
+    assert sum(seen) == os.path.getsize(a)
