@@ -120,3 +120,19 @@ def test_learned_words_pass_to_another_encoder(monkeypatch):
     before = second.word_count
     assert second.encode(text) == expected
     assert second.word_count == before  # every word came from `first`
+
+
+def test_merge_lines_with_odd_spacing_load_and_malformed_ones_are_reported(tmp_path):
+    vocab = {'a': 0, 'b': 1, 'c': 2, 'ab': 3, 'abc': 4}
+    (tmp_path / 'encoder.json').write_text(__import__('json').dumps(vocab))
+    (tmp_path / 'vocab.bpe').write_text('#version: 0.2\na  b\t\nab c\n')
+    own = encoder.get_encoder(str(tmp_path))
+    assert own.encode('abc') == [4] and own.encode('cab') == [2, 3]
+    assert own.encode('ababc') == [3, 4]  # both (a, b) in one pass, then (ab, c)
+    assert own.bpe_ranks == {('a', 'b'): 0, ('ab', 'c'): 1}
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'encoder.json').write_text(__import__('json').dumps(vocab))
+    (bad / 'vocab.bpe').write_text('#version: 0.2\na b c\n')
+    with pytest.raises(UserError, match='malformed BPE vocabulary'):
+        encoder.get_encoder(str(bad))
