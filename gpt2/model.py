@@ -103,7 +103,7 @@ def _masked(w, mask):
 
 
 def attn(x, p, *, n_head, mask, past=None, pos=0):
-    """[batch, seq, n_embd] -> ([batch, seq, n_embd], keys and values [2, batch, n_head, *, head_dim]).
+    """[batch, seq, n_embd] -> ([batch, seq, n_embd], keys/values [2, batch, n_head, *, head_dim]).
 
     Without `past` the queries attend to the new keys under `mask` [batch, 1, seq, seq] and the
     second result is OpenAI's `present` (the new keys and values). With `past`, this layer's
@@ -202,9 +202,9 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
     Without a cache this is OpenAI's model() over the whole sequence, and the returned cache is None.
     With a cache (a buffer per layer, see empty_cache) the tokens occupy slots pos..pos+seq-1: they
     attend to slots before `pos` and causally to each other, and the returned cache has their keys
-    and values written in. `start` [batch] (optional) marks each row's first real slot: slots before it are left padding,
-    invisible to attention, and positions count from it, so prompts of different lengths can share
-    one batch (right-aligned) and give what each would alone.
+    and values written in. `start` [batch] (optional) marks each row's first real slot: slots
+    before it are left padding, invisible to attention, and positions count from it, so prompts of
+    different lengths can share one batch (right-aligned) and give what each would alone.
     """
     tokens = tf.convert_to_tensor(tokens)
     seq = tf.shape(tokens)[1]
