@@ -87,15 +87,20 @@ def _recomputed(f):
     """f(*tensors) -> tensor, keeping only its inputs for backprop and running it again there.
 
     tf.recompute_grad orders the rerun after the incoming gradient by adding a NaN-guarded zero
-    to every input, which under XLA halved the speed and saved little memory; an XLA
-    optimization barrier over (inputs, gradient) does the same job for free (JAX's remat does
-    this), and outside XLA a control dependency does.
+    to every input, weights included, which under XLA halved the speed. Here an XLA optimization
+    barrier over (inputs, gradient) orders it, and such a zero goes into the activations only, so
+    that XLA cannot merge the rerun with the forward pass (the barrier alone did not stop that);
+    outside XLA a control dependency does the ordering.
     """
     @tf.custom_gradient
     def inner(*args):
         def grad(dy):
             if model.in_xla():
                 *xs, dy = xla.optimization_barrier(*args, dy)
+                # A zero that depends on dy, added to the activations only (not the weights):
+                # without it XLA merged the rerun with the forward pass and kept its activations.
+                zero = tf.cast(tf.math.is_finite(tf.reshape(dy, [-1])[0]), dy.dtype) * 0
+                xs[0] = xs[0] + zero
             else:
                 with tf.control_dependencies([dy]):
                     xs = [tf.identity(a) for a in args]

@@ -177,6 +177,20 @@ def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_comp
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_recompute_reruns_the_blocks_under_xla(tiny):
+    """XLA must not merge the rerun with the forward pass (it did once, keeping every block's
+    activations, so nothing was saved): the optimized program computes each softmax twice."""
+    params = model.to_tensors(_random_tree(tiny, 1))
+    w = tf.constant(_windows(tiny, 2, 20))
+    counts = {}
+    for recompute in (False, True):
+        f = tf.function(lambda p, x: training.loss_and_grads(tiny, p, x, recompute=recompute),
+                        jit_compile=True)
+        hlo = f.experimental_get_compiler_ir(params, w)(stage='optimized_hlo')
+        counts[recompute] = hlo.count(' exponential(')
+    assert counts[True] >= counts[False] + tiny.n_layer, counts
+
+
 def test_transformer_only_leaves_the_embeddings_and_ln_f(tmp_path, tiny, data):
     out = _train(tmp_path, tiny, data, steps=3, only_train_transformer_layers=True)
     after = _leaves(checkpoint.load_params(out['prefix'])[0])
