@@ -130,33 +130,41 @@ def fused_head_loss(x, wte, targets, *, rows=LOSS_ROWS):
     for x and wte worked out in the same pass, a block of at most `rows` rows at a time in a loop:
     the [n, n_vocab] logits, their softmax and its gradient never exist whole (at 1 x 1024 on 124M
     they are 206 MB each), and nothing is recomputed. A row's loss has gradient softmax - one_hot
-    for its logits.
+    for its logits. Any n works: the last block is padded, not a smaller block size chosen.
     """
     n, d = x.shape
-    rows = max(r for r in range(1, min(rows, n) + 1) if n % r == 0)  # blocks of one static size
+    rows = min(rows, n)
+    blocks = -(-n // rows)
+    pad = blocks * rows - n       # the last block is padded with rows that count for nothing
     n_vocab = wte.shape[0]
+    targets = tf.pad(targets, [[0, pad]])
+    valid = tf.pad(tf.ones([n], x.dtype), [[0, pad]])
 
     @tf.custom_gradient
     def loss(x, wte):
+        xp = tf.pad(x, [[0, pad], [0, 0]])
+
         def body(i, total, dx, dwte):
-            xi = tf.slice(x, [i * rows, 0], [rows, d])
+            xi = tf.slice(xp, [i * rows, 0], [rows, d])
             ti = tf.slice(targets, [i * rows], [rows])
+            vi = tf.slice(valid, [i * rows], [rows])
             logits = tf.matmul(xi, wte, transpose_b=True)               # [rows, n_vocab]
             lse = tf.reduce_logsumexp(logits, axis=-1)
-            total += tf.reduce_sum(lse - tf.gather(logits, ti, batch_dims=1))
-            g = tf.exp(logits - lse[:, None]) - tf.one_hot(ti, n_vocab, dtype=x.dtype)
+            total += tf.reduce_sum((lse - tf.gather(logits, ti, batch_dims=1)) * vi)
+            g = (tf.exp(logits - lse[:, None]) -
+                 tf.one_hot(ti, n_vocab, dtype=x.dtype)) * vi[:, None]
             # One wte-sized buffer carried through the loop, added to in place.
             return i + 1, total, dx.write(i, tf.matmul(g, wte)), dwte + tf.matmul(g, xi,
                                                                                transpose_a=True)
 
         _, total, dx, dwte = tf.while_loop(
-            lambda i, *_: i < n // rows, body,
-            (tf.constant(0), tf.zeros([], x.dtype), tf.TensorArray(x.dtype, size=n // rows),
-             tf.zeros_like(wte)), maximum_iterations=n // rows)
+            lambda i, *_: i < blocks, body,
+            (tf.constant(0), tf.zeros([], x.dtype), tf.TensorArray(x.dtype, size=blocks),
+             tf.zeros_like(wte)), maximum_iterations=blocks)
 
         def grad(dy):
             scale = dy / n
-            return tf.reshape(dx.stack(), [n, d]) * scale, dwte * scale
+            return tf.reshape(dx.stack(), [blocks * rows, d])[:n] * scale, dwte * scale
         return total / n, grad
 
     return loss(x, wte)

@@ -140,18 +140,32 @@ def test_accumulation_equals_a_bigger_batch(tiny):
         np.testing.assert_allclose(p1[k], p2[k], atol=1e-5, err_msg=k)
 
 
+def _with_and_without_recompute(hp, jit_compile):
+    """Random params, windows, and {recompute: compiled loss_and_grads} for both settings."""
+    params = model.to_tensors(_random_tree(hp, 1))
+    w = tf.constant(_windows(hp, 2, 20))
+    def compiled(recompute):
+        return tf.function(lambda p, x: training.loss_and_grads(hp, p, x, recompute=recompute),
+                           jit_compile=jit_compile)
+    return params, w, {r: compiled(r) for r in (False, True)}
+
+
 @pytest.mark.parametrize('jit_compile', [False, True])
 def test_recompute_gives_the_same_gradients(tiny, jit_compile):
-    params = model.to_tensors(_random_tree(tiny, 1))
-    w = tf.constant(_windows(tiny, 2, 20))
-    grads = {}
-    for recompute in (False, True):
-        f = tf.function(lambda p, x: training.loss_and_grads(tiny, p, x, recompute=recompute),
-                        jit_compile=jit_compile)
-        grads[recompute] = f(params, w)
+    params, w, fns = _with_and_without_recompute(tiny, jit_compile)
+    grads = {r: f(params, w) for r, f in fns.items()}
     np.testing.assert_allclose(grads[True][0], grads[False][0], rtol=1e-6)
     for k, g in grads[False][1].items():
         np.testing.assert_allclose(grads[True][1][k], g, atol=1e-6, err_msg=k)
+
+
+def test_recompute_reruns_the_blocks_under_xla(tiny):
+    """XLA must not merge the rerun with the forward pass (it did once, keeping every block's
+    activations, so nothing was saved): the optimized program computes each softmax twice."""
+    params, w, fns = _with_and_without_recompute(tiny, True)
+    counts = {r: f.experimental_get_compiler_ir(params, w)(stage='optimized_hlo')
+              .count(' exponential(') for r, f in fns.items()}
+    assert counts[True] >= counts[False] + tiny.n_layer, counts
 
 
 @pytest.mark.parametrize('jit_compile', [False, True])
@@ -175,20 +189,6 @@ def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_comp
     np.testing.assert_allclose(fused, plain, rtol=1e-6)
     for a, b in zip(g_fused, g_plain):
         np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-def test_recompute_reruns_the_blocks_under_xla(tiny):
-    """XLA must not merge the rerun with the forward pass (it did once, keeping every block's
-    activations, so nothing was saved): the optimized program computes each softmax twice."""
-    params = model.to_tensors(_random_tree(tiny, 1))
-    w = tf.constant(_windows(tiny, 2, 20))
-    counts = {}
-    for recompute in (False, True):
-        f = tf.function(lambda p, x: training.loss_and_grads(tiny, p, x, recompute=recompute),
-                        jit_compile=True)
-        hlo = f.experimental_get_compiler_ir(params, w)(stage='optimized_hlo')
-        counts[recompute] = hlo.count(' exponential(')
-    assert counts[True] >= counts[False] + tiny.n_layer, counts
 
 
 def test_transformer_only_leaves_the_embeddings_and_ln_f(tmp_path, tiny, data):
