@@ -190,7 +190,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
              if novel_against else None)
     params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
                                          checkpoint_dir)
-    params = model.to_tensors(params)
+    params = model.for_decoding(params)
     stop_ids, stop_strings = _stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
     print(f'checkpoint {prefix}, seed {seed}', file=sys.stderr)

@@ -157,7 +157,7 @@ class Store:
         size = sum(np.asarray(x).nbytes for x in tf.nest.flatten(params))
         while self.trees and sum(n for _, n in self.trees.values()) + size > self.budget:
             self.trees.popitem(last=False)  # the least recently used
-        self.trees[prefix] = (model.to_tensors(params), size)
+        self.trees[prefix] = (model.for_decoding(params), size)
         self.loads += 1
         return self.trees[prefix][0]
 

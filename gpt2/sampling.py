@@ -64,7 +64,7 @@ def top_p_logits(logits, p, *, k=0):
 
 def filter_logits(logits, *, temperature, top_k=0, top_p=None):
     """Temperature, then top-k, then top-p on the tempered and top-k-renormalised distribution
-    (Hugging Face's order). `temperature` must be > 0 here (0 means greedy, handled by choose)."""
+    (Hugging Face's order). `temperature` must be > 0 here (0 means greedy: see greedy)."""
     logits = logits / temperature
     logits = top_k_logits(logits, top_k)
     if top_p is not None:
@@ -106,31 +106,33 @@ def gumbel_noise(seed, rows, step, n_vocab):
     return -tf.math.log(-tf.math.log(u))
 
 
-def choose(logits, *, temperature, top_k, top_p, noise):
-    """One token per row [batch] int32: argmax when temperature is 0, else a filtered draw.
-    `noise` is a function returning the Gumbel noise, called only when drawing."""
-    def greedy():
-        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+def draw(logits, *, temperature, top_k, top_p, noise):
+    """One token per row [batch] int32 drawn from the filtered distribution (temperature > 0) with
+    the Gumbel `noise` [batch, n_vocab]."""
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
 
-    def drawn():
-        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        return tf.argmax(filtered + noise(), axis=-1, output_type=tf.int32)
 
-    return tf.cond(temperature > 0, drawn, greedy)
+def greedy(logits):
+    """The most likely token per row [batch] int32. The decode loop picks this or draw when it is
+    built, not with a branch on the temperature inside it: under XLA a branch makes the output
+    layer's matmul run in its slow form."""
+    return tf.argmax(logits, axis=-1, output_type=tf.int32)
 
 
 # ---- the compiled chunk loop ----
 
 @functools.lru_cache(maxsize=16)
-def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, top_k=0,
-                 top_p=False, penalty=False, jit_compile=None):
+def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, greedy_only=False,
+                 top_k=0, top_p=False, penalty=False, jit_compile=None):
     """A compiled loop that writes up to `chunk` tokens per call, built once per these arguments.
 
     Call it as decode(params, state, n, controls): `params` a tuple of n_models trees (swap them
     freely: same shapes, no retrace), `state` a dict (see Decoder), `n` the tokens to write (a
     tensor <= chunk), `controls` a dict of tensors (temperature, top_p, penalty, seed, weights,
     stop_mask). Returns (tokens [batch, chunk] with PAD past n or after a stop, new state).
-    `.tracing_count()` reports traces.
+    With `greedy_only` it always takes the most likely token, else it draws at the temperature
+    given (> 0). `.tracing_count()` reports traces.
     """
     top_k = 0 if top_k >= hparams.n_vocab else top_k
 
@@ -149,9 +151,12 @@ def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, top
             logits = mix_logits(logits_list, controls['weights'])
             if penalty:
                 logits = apply_penalty(logits, seen, controls['penalty'])
-            noise = lambda: gumbel_noise(controls['seed'], rows, step, hparams.n_vocab)  # noqa
-            tok = choose(logits, temperature=controls['temperature'], top_k=top_k,
-                         top_p=controls['top_p'] if top_p else None, noise=noise)
+            if greedy_only:
+                tok = greedy(logits)
+            else:
+                tok = draw(logits, temperature=controls['temperature'], top_k=top_k,
+                           top_p=controls['top_p'] if top_p else None,
+                           noise=gumbel_noise(controls['seed'], rows, step, hparams.n_vocab))
             out = tf.where(cols == i, tf.where(done, PAD, tok)[:, None], out)
             if penalty:
                 seen = seen | tf.cast(tf.one_hot(tok, hparams.n_vocab, dtype=tf.int8), tf.bool)
@@ -196,13 +201,13 @@ class Decoder:
     all of them right-aligned to a common end except each row's last, which the next step feeds.
     """
 
-    def __init__(self, hparams, batch, length, *, n_models=1, top_k=0, top_p=False,
-                 penalty=False, chunk=DEFAULT_CHUNK, jit_compile=None):
+    def __init__(self, hparams, batch, length, *, n_models=1, greedy_only=False, top_k=0,
+                 top_p=False, penalty=False, chunk=DEFAULT_CHUNK, jit_compile=None):
         self.hparams, self.batch, self.length = hparams, batch, length
         self.n_models = n_models
         self.decode = make_decoder(hparams, batch, length, chunk=chunk, n_models=n_models,
-                                   top_k=top_k, top_p=top_p, penalty=penalty,
-                                   jit_compile=jit_compile)
+                                   greedy_only=greedy_only, top_k=top_k, top_p=top_p,
+                                   penalty=penalty, jit_compile=jit_compile)
         self.prefill_fn = _make_prefill(hparams, jit_compile=jit_compile)
         self.chunk = chunk
         self.state = None
@@ -351,7 +356,7 @@ def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
     prompts = [list(map(int, p)) for p in prompts]
     check_prompts(hparams, prompts)
     seed = new_seed() if seed is None else seed
-    spans = [(0, (model.to_tensors(params),), (1.0,))]
+    spans = [(0, (model.for_decoding(params),), (1.0,))]
     return run_spans(hparams, spans, prompts=prompts, batch_size=batch_size, length=length,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      repetition_penalty=repetition_penalty, stop_ids=stop_ids,
@@ -376,8 +381,9 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
     assert spans[0][0] == 0 and all(len(s[2]) == n_models for s in spans)
     need = max(len(p) for p in prompts) + length
     L = cache_length(hparams, need)
-    dec = Decoder(hparams, batch_size, L, n_models=n_models, top_k=top_k, top_p=top_p < 1,
-                  penalty=repetition_penalty != 1, chunk=chunk, jit_compile=jit_compile)
+    dec = Decoder(hparams, batch_size, L, n_models=n_models, greedy_only=temperature == 0,
+                  top_k=top_k, top_p=top_p < 1, penalty=repetition_penalty != 1, chunk=chunk,
+                  jit_compile=jit_compile)
     results, texts = [], []
     bounds = [s[0] for s in spans[1:]] + [length]
     for b0 in range(0, len(prompts), batch_size):

@@ -133,6 +133,25 @@ def test_compiled_equals_eager_and_traces_once_across_param_trees(tiny, jit):
     assert fn.tracing_count() == 2
 
 
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('few_rows', [model.FEW_ROWS, 0])
+def test_decoding_layout_gives_the_same_logits(tiny, jit, few_rows, monkeypatch):
+    """for_decoding's transposed weights, in both matmul forms (weights first for few rows under
+    XLA; few_rows=0 turns that off), against the checkpoint layout decoded eagerly."""
+    monkeypatch.setattr(model, 'FEW_ROWS', few_rows)
+    p = random_params(tiny, 6)
+    variables = tf.nest.map_structure(tf.Variable, p)  # as training holds them
+    for tree in (model.for_decoding(p), model.for_decoding(variables)):
+        c_fc = tree['h'][1]['mlp']['c_fc']
+        assert set(c_fc) == {'w_t', 'b'} and c_fc['w_t'].shape == (4 * tiny.n_embd, tiny.n_embd)
+        toks = tokens_for(tiny, 3, 20, seed=6)
+        ref, _ = decode_incrementally(lambda *a: eager(*a, hp=tiny), tiny, model.to_tensors(p),
+                                      toks, 5, 24)
+        got, _ = decode_incrementally(model.make_forward(tiny, jit_compile=jit), tiny, tree,
+                                      toks, 5, 24)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
 def test_ragged_batch_with_start_equals_each_row_alone(tiny):
     p = random_params(tiny, 6)
     a = tokens_for(tiny, 1, 9, seed=4)[0]

@@ -72,10 +72,10 @@ def test_draws_follow_the_filtered_distribution_chi_square():
     n, vocab = 20000, 8
     logits = tf.constant(np.log([[0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]]), tf.float32)
     rows = tf.range(n)
-    noise = lambda: sampling.gumbel_noise(np.array([7, 0], np.uint32), rows, 3, vocab)  # noqa
+    noise = sampling.gumbel_noise(np.array([7, 0], np.uint32), rows, 3, vocab)
     t, k = 0.8, 5
-    toks = sampling.choose(tf.tile(logits, [n, 1]), temperature=tf.constant(t), top_k=k,
-                           top_p=None, noise=noise).numpy()
+    toks = sampling.draw(tf.tile(logits, [n, 1]), temperature=tf.constant(t), top_k=k,
+                         top_p=None, noise=noise).numpy()
     p = np.exp(logits.numpy()[0] / t)
     p[k:] = 0
     p /= p.sum()
@@ -119,10 +119,10 @@ def test_sampling_with_cache_equals_full_recompute(tiny, params):
         seen = np.zeros([1, tiny.n_vocab], bool)
         seen[0, toks] = True
         logits = sampling.apply_penalty(logits, tf.constant(seen), 1.3)
-        noise = lambda: sampling.gumbel_noise(sampling.seed_pair(seed), tf.constant([0]),  # noqa
-                                              step, tiny.n_vocab)
-        tok = sampling.choose(logits, temperature=tf.constant(t), top_k=k,
-                              top_p=tf.constant(top_p), noise=noise)
+        noise = sampling.gumbel_noise(sampling.seed_pair(seed), tf.constant([0]), step,
+                                      tiny.n_vocab)
+        tok = sampling.draw(logits, temperature=tf.constant(t), top_k=k,
+                            top_p=tf.constant(top_p), noise=noise)
         toks.append(int(tok[0]))
     assert out[0] == toks[2:]
 
@@ -152,10 +152,10 @@ def _alone_as_row(hp, params, prompt, *, row, seed, length):
     toks = list(prompt)
     for step in range(length):
         logits = tf.constant(full_logits(hp, params, toks)[None])
-        noise = lambda: sampling.gumbel_noise(sampling.seed_pair(seed), tf.constant([row]),  # noqa
-                                              step, hp.n_vocab)
-        toks.append(int(sampling.choose(logits, temperature=tf.constant(1.0), top_k=0,
-                                        top_p=None, noise=noise)[0]))
+        noise = sampling.gumbel_noise(sampling.seed_pair(seed), tf.constant([row]), step,
+                                      hp.n_vocab)
+        toks.append(int(sampling.draw(logits, temperature=tf.constant(1.0), top_k=0, top_p=None,
+                                      noise=noise)[0]))
     return toks[len(prompt):]
 
 
