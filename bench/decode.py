@@ -2,8 +2,9 @@
 
 Random weights (no download), a 16-token prompt and 128 new greedy tokens, batch 1 and 8. Also
 measures memory bandwidth (a compiled sum over 1 GiB, both cores, before each batch size) and
-reports each speed as a fraction of the bandwidth bound (every weight read once per step), and the palimpsest keep mode with a checkpoint
-swap every 16 tokens against plain decode. Run one benchmark at a time:
+reports each speed as a fraction of the bandwidth bound (every weight read once per step); runs
+the palimpsest keep mode with a checkpoint swap every 16 tokens against plain decode, and sampled
+decoding (temperature 1, top_k 40) on both sides. Run one benchmark at a time:
 
     flock /tmp/gpt2-bench.lock .venv/bin/python bench/decode.py
 """
@@ -40,17 +41,19 @@ def _best(fn, repeats):
     return min(times)
 
 
-def ours(hp, params, prompts, new, *, jit_compile, spans=None):
+def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None):
+    """Greedy, or with top_k a draw at temperature 1 from the top_k most likely tokens."""
     tensors = model.for_decoding(params)
     spans = spans or [(0, (tensors,), (1.0,))]
 
     def go():
         sampling.run_spans(hp, spans, prompts=prompts, batch_size=len(prompts), length=new,
-                           temperature=0, top_k=0, top_p=1.0, seed=0, jit_compile=jit_compile)
+                           temperature=1.0 if top_k else 0, top_k=top_k or 0, top_p=1.0, seed=0,
+                           jit_compile=jit_compile)
     return go
 
 
-def huggingface(prompts, new, threads):
+def huggingface(prompts, new, threads, top_k=None):
     import torch
     import transformers
     torch.set_num_threads(threads)
@@ -61,17 +64,20 @@ def huggingface(prompts, new, threads):
     def go():
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False, use_cache=True,
+                              min_new_tokens=new, do_sample=bool(top_k), top_k=top_k or None,
+                              temperature=1.0 if top_k else None, top_p=None, use_cache=True,
                               pad_token_id=0)
         assert out.shape[1] == ids.shape[1] + new
     return go
 
 
-def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, threads=None):
+def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, threads=None,
+         top_k=40):
     """Print tokens/s for each batch size: ours with and without XLA, Hugging Face, the bound.
 
     --batches sizes to run; --prompt, --new tokens; --repeats timed runs (best kept);
-    --swap_every palimpsest swap interval; --hf=False skips Hugging Face; --threads for torch.
+    --swap_every palimpsest swap interval; --hf=False skips Hugging Face; --threads for torch;
+    --top_k for the sampled rows (temperature 1, both sides; 0 skips them).
     """
     import tensorflow as tf
     threads = threads or os.cpu_count()
@@ -97,13 +103,21 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
             ours(hp, params, prompts, new, jit_compile=best_jit, spans=spans), repeats)
         if hf:
             rows['huggingface'] = _best(huggingface(prompts, new, threads), repeats)
+        if top_k:
+            rows[f'sampled top_k={top_k}'] = _best(
+                ours(hp, params, prompts, new, jit_compile=best_jit, top_k=top_k), repeats)
+            if hf:
+                rows[f'huggingface sampled top_k={top_k}'] = _best(
+                    huggingface(prompts, new, threads, top_k=top_k), repeats)
         print(f'\nbatch {b}: bandwidth {bw / 1e9:.1f} GB/s, bound {bound:.1f} tokens/s')
         plain = rows[f'ours xla={best_jit}']
         for name, t in rows.items():
             tps = b * new / t
             extra = ''
-            if 'huggingface' in rows and name != 'huggingface':
-                extra += f'  {rows["huggingface"] / t:.2f}x HF'
+            sampled = name.startswith('sampled')
+            peer = f'huggingface sampled top_k={top_k}' if sampled else 'huggingface'
+            if peer in rows and not name.startswith('huggingface'):
+                extra += f'  {rows[peer] / t:.2f}x HF'
             if name.startswith('palimpsest'):
                 extra += f'  {plain / t:.0%} of plain'
             print(f'  {name:28s} {tps:7.1f} tokens/s  {tps / bound:5.0%} of bound{extra}')

@@ -3,7 +3,7 @@
 The tree is {'wte', 'wpe', 'h': [block, ...], 'ln_f'} with each block {'ln_1', 'attn': {'c_attn',
 'c_proj'}, 'ln_2', 'mlp': {'c_fc', 'c_proj'}}; leaves have the checkpoint's shapes (conv1d weights
 keep OpenAI's leading axis of 1). Leaves may be arrays, tensors or variables; nothing here makes state.
-for_decoding gives the same tree with each conv1d weight stored transposed, which sampling reads faster.
+for_decoding gives the tree with each conv1d weight stored transposed, which sampling reads faster.
 """
 import math
 

@@ -31,7 +31,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
     probs = np.array([[0.5, 0.05, 0.3, 0.15]])
     logits = tf.constant(np.log(probs), tf.float32)
     keep = lambda p, k=0: np.isfinite(sampling.top_p_logits(  # noqa: E731
-        logits if not k else sampling.top_k_logits(logits, k), p, k=k).numpy()[0]).tolist()
+        logits if not k else sampling.top_k_logits(logits, k), p).numpy()[0]).tolist()
     assert keep(0.5) == [True, False, False, False]       # the top token alone reaches 0.5
     assert keep(0.51) == [True, False, True, False]
     assert keep(0.81) == [True, False, True, True]
@@ -40,6 +40,41 @@ def test_top_p_keeps_smallest_set_reaching_p():
     # With top_k, top_p reads the renormalised top-k distribution: 0.5/0.8 = 0.625 alone.
     assert keep(0.6, k=2) == [True, False, False, False]
     assert keep(0.7, k=2) == [True, False, True, False]
+
+
+def _reference_filters(logits, k, p):
+    # Sorting, as the filters are defined: the k-th largest value, then the descending cumulative
+    # probabilities of what is left (exclusive) below p, at least one token.
+    out = []
+    for row in logits.astype(np.float64):
+        if k:
+            row = np.where(row < np.sort(row)[::-1][k - 1], -np.inf, row)
+        desc = np.sort(row)[::-1]
+        probs = np.exp(desc - desc[0])
+        probs /= probs.sum()
+        n_keep = max(1, int((np.cumsum(probs) - probs < p).sum()))
+        out.append(np.isfinite(np.where(row < desc[n_keep - 1], -np.inf, row)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_filters_match_sorting_reference(jit):
+    """The filters find their thresholds by halving the key range, never sorting: against a
+    NumPy sort on rows with ties, negative, tiny and huge values."""
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(0, 3, 97), rng.integers(-3, 3, 97).astype(float),
+            -np.abs(rng.normal(0, 1e-3, 97)), rng.normal(0, 1, 97) * 1e4,
+            np.concatenate([[50.0], rng.normal(0, 1, 96)])]
+    logits = tf.constant(np.array(rows), tf.float32)
+
+    @tf.function(jit_compile=jit)
+    def keep(k, p):
+        return tf.math.is_finite(sampling.top_p_logits(sampling.top_k_logits(logits, k), p))
+    for k in (0, 1, 5, 40, 96):
+        for p in (0.05, 0.3, 0.9, 0.999, 1.0):
+            want = _reference_filters(logits.numpy(), k, p)
+            np.testing.assert_array_equal(keep(k, tf.constant(p)).numpy(), want,
+                                          err_msg=f'k={k} p={p}')
 
 
 def test_repetition_penalty_ctrl_rule_negative_logits():
