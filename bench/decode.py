@@ -43,8 +43,7 @@ def _best(fn, repeats):
 
 def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None):
     """Greedy, or with top_k a draw at temperature 1 from the top_k most likely tokens."""
-    tensors = model.for_decoding(params)
-    spans = spans or [(0, (tensors,), (1.0,))]
+    spans = spans or [(0, (model.for_decoding(params),), (1.0,))]
 
     def go():
         sampling.run_spans(hp, spans, prompts=prompts, batch_size=len(prompts), length=new,
