@@ -88,9 +88,23 @@ def gelu(x):
 
 def norm(x, p, *, eps=1e-5):
     """[..., n_embd] -> [..., n_embd]: layer norm with OpenAI's epsilon."""
-    u = tf.reduce_mean(x, axis=-1, keepdims=True)
-    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
-    return (x - u) * tf.math.rsqrt(s + eps) * p['g'] + p['b']
+    @tf.custom_gradient
+    def f(x, g, b):
+        u = tf.reduce_mean(x, axis=-1, keepdims=True)
+        r = tf.math.rsqrt(tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True) + eps)
+
+        def grad(dy):
+            # The layer-norm backward written out. From TF's own gradient of the lines above,
+            # XLA fused the residual stream's gradient into every layer's copy of it and
+            # recomputed the sum over all the layers above there (~4% of a 124M training step).
+            xhat = (x - u) * r
+            dxhat = dy * g
+            dx = (dxhat - tf.reduce_mean(dxhat, axis=-1, keepdims=True) -
+                  xhat * tf.reduce_mean(dxhat * xhat, axis=-1, keepdims=True)) * r
+            rows = list(range(len(x.shape) - 1))
+            return dx, tf.reduce_sum(dy * xhat, rows), tf.reduce_sum(dy, rows)
+        return (x - u) * r * g + b, grad
+    return f(x, p['g'], p['b'])
 
 
 def linear(x, p):

@@ -199,3 +199,34 @@ def test_gelu_gradient_equals_autodiff_of_the_formula():
         ours, ref = model.gelu(x), formula(x)
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     np.testing.assert_allclose(tape.gradient(ours, x), tape.gradient(ref, x), atol=1e-6)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('shape', [[2, 5, 16], [7, 16]])
+def test_norm_gradient_equals_autodiff_of_the_formula(jit, shape):
+    """norm's hand-written backward against TensorFlow's gradient of OpenAI's expression, for
+    the input, the gain and the bias, eager and under XLA."""
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(2, 3, shape).astype(np.float32))
+    dy = tf.constant(rng.normal(0, 1, shape).astype(np.float32))
+    p = {k: tf.constant(rng.normal(1, 0.5, shape[-1:]).astype(np.float32)) for k in 'gb'}
+
+    def formula(x, p):
+        u = tf.reduce_mean(x, axis=-1, keepdims=True)
+        s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
+        return (x - u) * tf.math.rsqrt(s + 1e-5) * p['g'] + p['b']
+
+    @tf.function(jit_compile=jit)
+    def both(x, p):
+        out = []
+        for f in (model.norm, formula):
+            with tf.GradientTape() as tape:
+                tape.watch([x, p])
+                y = f(x, p)
+            out.append((y, tape.gradient(y, [x, p['g'], p['b']], output_gradients=dy)))
+        return out
+
+    (ours, g_ours), (ref, g_ref) = both(x, p)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
