@@ -144,27 +144,33 @@ def fused_head_loss(x, wte, targets, *, rows=LOSS_ROWS):
     def loss(x, wte):
         xp = tf.pad(x, [[0, pad], [0, 0]])
 
-        def body(i, total, dx, dwte):
+        def one(i):
+            # Block i: its summed loss and its parts of the gradients for x and wte.
             xi = tf.slice(xp, [i * rows, 0], [rows, d])
             ti = tf.slice(targets, [i * rows], [rows])
             vi = tf.slice(valid, [i * rows], [rows])
             logits = tf.matmul(xi, wte, transpose_b=True)               # [rows, n_vocab]
             lse = tf.reduce_logsumexp(logits, axis=-1)
-            total += tf.reduce_sum((lse - tf.gather(logits, ti, batch_dims=1)) * vi)
+            total = tf.reduce_sum((lse - tf.gather(logits, ti, batch_dims=1)) * vi)
+            # The 1/n of the mean goes in here, where it costs nothing, rather than on dwte.
             g = (tf.exp(logits - lse[:, None]) -
-                 tf.one_hot(ti, n_vocab, dtype=x.dtype)) * vi[:, None]
-            # One wte-sized buffer carried through the loop, added to in place.
-            return i + 1, total, dx.write(i, tf.matmul(g, wte)), dwte + tf.matmul(g, xi,
-                                                                               transpose_a=True)
+                 tf.one_hot(ti, n_vocab, dtype=x.dtype)) * (vi / n)[:, None]
+            return total, tf.matmul(g, wte), tf.matmul(g, xi, transpose_a=True)
 
+        def body(i, total, dx, dwte):
+            # One wte-sized buffer carried through the loop, added to in place.
+            t, dxi, dwi = one(i)
+            return i + 1, total + t, dx.write(i, dxi), dwte + dwi
+
+        # The first block outside the loop starts the sums (no zeroed wte-sized buffer to add to).
+        t0, dx0, dw0 = one(0)
         _, total, dx, dwte = tf.while_loop(
             lambda i, *_: i < blocks, body,
-            (tf.constant(0), tf.zeros([], x.dtype), tf.TensorArray(x.dtype, size=blocks),
-             tf.zeros_like(wte)), maximum_iterations=blocks)
+            (tf.constant(1), t0, tf.TensorArray(x.dtype, size=blocks).write(0, dx0), dw0),
+            maximum_iterations=blocks - 1)
 
         def grad(dy):
-            scale = dy / n
-            return tf.reshape(dx.stack(), [blocks * rows, d])[:n] * scale, dwte * scale
+            return tf.reshape(dx.stack(), [blocks * rows, d])[:n] * dy, dwte * dy
         return total / n, grad
 
     return loss(x, wte)
@@ -352,14 +358,14 @@ def make_train_step(hparams, optimizer=OPTIMIZER, *, weight_decay=0.0, max_grad_
         loss, grads = loss_and_grads(hparams, params, windows[0], names=names,
                                      recompute=recompute, inputs=inputs[0])
         grads = [grads[k] for k in names]
-        for i in tf.range(1, n):
-            # Accumulation micro-batches in a loop (not unrolled), so only one micro-batch's
-            # activations are alive at a time.
-            li, gi = loss_and_grads(hparams, params, windows[i], names=names,
-                                    recompute=recompute, inputs=inputs[i])
-            loss += li
-            grads = [a + gi[k] for a, k in zip(grads, names)]
         if n > 1:
+            for i in tf.range(1, n):
+                # Accumulation micro-batches in a loop (not unrolled), so only one micro-batch's
+                # activations are alive at a time.
+                li, gi = loss_and_grads(hparams, params, windows[i], names=names,
+                                        recompute=recompute, inputs=inputs[i])
+                loss += li
+                grads = [a + gi[k] for a, k in zip(grads, names)]
             loss = loss / n
             grads = [g / n for g in grads]
         if max_grad_norm:
