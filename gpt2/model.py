@@ -64,7 +64,7 @@ def for_decoding(params):
              mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']]))
 
 
-ATTN_BLOCK = 256  # queries per block in attention without a cache (see attn)
+ATTN_BLOCK = 128  # queries per block in attention without a cache (see attn)
 FEW_ROWS = 128    # up to this many rows, products are taken weights-first (see _few_rows_matmul)
 _GELU_C = math.sqrt(2 / math.pi)
 
