@@ -168,10 +168,11 @@ def test_recompute_reruns_the_blocks_under_xla(tiny):
     assert counts[True] >= counts[False] + tiny.n_layer, counts
 
 
+@pytest.mark.parametrize('rows', [4, 16])
 @pytest.mark.parametrize('jit_compile', [False, True])
-def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_compile):
-    """Blocks of 4 rows over 10 (a short last block) against softmax cross-entropy on the whole
-    logits, differentiated by TensorFlow."""
+def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_compile, rows):
+    """Blocks of 4 rows over 10 (a short last block), or one block of all 10, against softmax
+    cross-entropy on the whole logits, differentiated by TensorFlow."""
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal([10, 8], dtype=np.float32))
     wte = tf.constant(rng.standard_normal([13, 8], dtype=np.float32))
@@ -180,7 +181,7 @@ def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_comp
     def both(x, wte):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch([x, wte])
-            fused = 3 * training.fused_head_loss(x, wte, t, rows=4)   # an upstream gradient != 1
+            fused = 3 * training.fused_head_loss(x, wte, t, rows=rows)  # upstream gradient != 1
             plain = 3 * tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=t, logits=tf.matmul(x, wte, transpose_b=True)))
         return fused, plain, tape.gradient(fused, [x, wte]), tape.gradient(plain, [x, wte])
