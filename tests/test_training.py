@@ -140,6 +140,16 @@ def test_accumulation_equals_a_bigger_batch(tiny):
         np.testing.assert_allclose(p1[k], p2[k], atol=1e-5, err_msg=k)
 
 
+def test_one_micro_batch_compiles_no_accumulation_loop(tiny):
+    """An empty accumulation loop left in the program once kept --memory_saving_gradients from
+    saving anything (XLA's temporary buffer at 124M 1 x 1024: 1.11 GB with it, 0.44 without)."""
+    state = training.TrainState(tiny, model.init_params(tiny, seed=3), 'adam')
+    step = training.make_train_step(tiny, 'adam', recompute=True)
+    loops = {n: step.compiled(state, _windows(tiny, n, 17).reshape([n, 1, 17])).count(' while(')
+             for n in (1, 2)}
+    assert loops[1] == 0 and loops[2] >= 1, loops
+
+
 def _with_and_without_recompute(hp, jit_compile):
     """Random params, windows, and {recompute: compiled loss_and_grads} for both settings."""
     params = model.to_tensors(_random_tree(hp, 1))
