@@ -388,9 +388,9 @@ def make_train_step(hparams, optimizer=OPTIMIZER, *, weight_decay=0.0, max_grad_
                     tf.constant(seed, tf.int32))
 
     call.tracing_count = step.experimental_get_tracing_count
-    call.compiled = lambda state, windows: step.experimental_get_compiler_ir(
+    call.optimized_hlo = lambda state, windows: step.experimental_get_compiler_ir(
         state.params, state.slots, tf.constant(windows, tf.int32), tf.constant(1e-4),
-        tf.constant(1.0), tf.constant([0, 0]))(stage='optimized_hlo')  # for inspection
+        tf.constant(1.0), tf.constant([0, 0]))(stage='optimized_hlo')  # for tests
     return call
 
 
