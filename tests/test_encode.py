@@ -13,7 +13,7 @@ import encoder
 from encoder import bpe
 from gpt2 import encoding, mixture
 from gpt2.errors import UserError
-from tests.conftest import CORPORA, ROOT
+from tests.conftest import ROOT, real_text
 
 EOT = encoder.EOT_ID
 ENC = encoder.get_encoder()
@@ -37,11 +37,7 @@ def _encode(tmp_path, inputs, **kw):
 
 
 def _corpus_sample(chars=60000):
-    path = os.path.join(CORPORA, 'plato.txt')
-    if not os.path.exists(path):
-        pytest.skip(f'{path} not found')
-    with open(path, encoding='utf-8') as f:
-        return f.read(chars)
+    return real_text(chars)  # committed prose (tests/data/corpora)
 
 
 # --- the tokenizer pieces ---------------------------------------------------------------------
@@ -70,7 +66,7 @@ def test_cut_point_is_safe(a, b):
 
 def tiktoken_gpt2():
     """tiktoken's GPT-2 encoding built offline from our vocabulary files."""
-    tiktoken = pytest.importorskip('tiktoken')
+    import tiktoken
     ranks = {ENC._token_bytes[i]: i for t, i in ENC.encoder.items() if t != encoder.EOT}
     return tiktoken.Encoding(
         'gpt2-local', mergeable_ranks=ranks, special_tokens={encoder.EOT: EOT},

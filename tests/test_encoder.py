@@ -1,5 +1,5 @@
 """encoder/: OpenAI's token ids, checked against tiktoken built from the same vocabulary files."""
-import glob
+import hashlib
 import os
 
 import pytest
@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 import encoder
 from gpt2.errors import UserError
-from tests.conftest import CORPORA, OPENAI_117M, require_shared
+from tests.conftest import SHARED, corpus_files
 
-tiktoken = pytest.importorskip('tiktoken')
+import tiktoken  # noqa: E402
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
 
 HERE = os.path.dirname(encoder.__file__)
@@ -41,16 +41,25 @@ def oracle():
                              special_tokens={encoder.EOT: encoder.EOT_ID})
 
 
-def test_shipped_vocabulary_is_openais():
-    require_shared()
-    for name in ('encoder.json', 'vocab.bpe'):
-        with open(os.path.join(HERE, name), 'rb') as a, open(os.path.join(OPENAI_117M, name), 'rb') as b:
+# SHA-256 of encoder.json and vocab.bpe in OpenAI's release (models/124M/, the same for every size).
+OPENAI_VOCAB_SHA256 = {
+    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
+    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+}
+
+
+@pytest.mark.parametrize('name', sorted(OPENAI_VOCAB_SHA256))
+def test_shipped_vocabulary_is_openais(name):
+    with open(os.path.join(HERE, name), 'rb') as f:
+        assert hashlib.sha256(f.read()).hexdigest() == OPENAI_VOCAB_SHA256[name]
+    release = os.path.join(SHARED, 'gpt2-117M', name)
+    if os.path.isfile(release):  # and, where ../shared is beside the clone, the release file itself
+        with open(os.path.join(HERE, name), 'rb') as a, open(release, 'rb') as b:
             assert a.read() == b.read()
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(CORPORA, '*.txt'))) or ['missing'])
+@pytest.mark.parametrize('path', corpus_files(), ids=os.path.basename)
 def test_corpora_match_tiktoken(enc, oracle, path):
-    require_shared()
     text = open(path, encoding='utf-8').read()
     ids = enc.encode(text)
     assert ids == oracle.encode_ordinary(text)
