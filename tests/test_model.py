@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from gpt2 import checkpoint
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 
@@ -51,17 +52,63 @@ def tokens_for(hp, batch, seq, seed=0):
     return np.random.default_rng(seed).integers(0, hp.n_vocab, [batch, seq]).astype(np.int32)
 
 
+def lively_params(hp, seed):
+    """A tree whose every parameter moves the logits: random biases, gains and shifts, and
+    matrices large enough (std 1.2/sqrt(nx)) that the GELU sees inputs across its curve (about
+    -4..4, where tanh and erf forms differ), while the embeddings stay OpenAI-small (std 0.02), so
+    the first layer norm's variance is near its epsilon and a wrong epsilon shows."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(name, a):
+        if a.ndim == 1:
+            return rng.normal(1 if name.endswith('/g') else 0, 0.3, a.shape).astype(np.float32)
+        if name in ('model/wte', 'model/wpe'):
+            return rng.normal(0, 0.02, a.shape).astype(np.float32)
+        return rng.normal(0, 1.2 / np.sqrt(a.shape[-2]), a.shape).astype(np.float32)
+    flat = checkpoint.flatten(model.init_params(hp, seed=seed))
+    return checkpoint.unflatten({k: leaf(k, a) for k, a in flat.items()}, hp)
+
+
+# max |ours (float32) - reference (float64)| / max |reference|: about 1e-6 when right.
+REL_TOL = 2e-5
+
+
+@pytest.mark.parametrize('jit', [False, True])
 @pytest.mark.parametrize('block', [None, 8])
-def test_forward_matches_numpy_reference(tiny, block, monkeypatch):
+def test_forward_matches_float64_numpy_reference(tiny, block, jit, monkeypatch):
+    """Our float32 forward, eager and under XLA, whole and in blocks of queries, against the
+    float64 NumPy transcription of OpenAI's model(), to a relative 2e-5.
+
+    What it catches (each checked once by breaking gpt2/model.py; relative difference): the erf
+    GELU in place of OpenAI's tanh form (1.8e-4), layer-norm epsilon 1e-6 instead of 1e-5
+    (1.1e-2), a conv1d bias dropped (0.64), layer norm with g=1, b=0 (0.80), the heads split with
+    their axes swapped (1.1); right, it is 4e-7 to 6e-7. With the old weights (std 0.02, so the GELU saw only |x| < 0.3) and an absolute
+    1e-4 the erf GELU passed."""
     if block:  # causal attention a block of queries at a time (4 blocks of 8 over n_ctx=32)
         monkeypatch.setattr(model, 'ATTN_BLOCK', block)
-    p = random_params(tiny, 0)
+    p = lively_params(tiny, 0)
     toks = tokens_for(tiny, 3, tiny.n_ctx)
-    ours, cache = model.forward(tiny, p, toks)
-    ref = np_forward(tiny, p, toks)
+    fn = tf.function(lambda p, t: model.forward(tiny, p, t)[0], jit_compile=jit)
+    ours = fn(model.to_tensors(p), toks).numpy()
+    ref = np_forward(tiny, tf.nest.map_structure(lambda a: a.astype(np.float64), p), toks)
+    assert ref.dtype == np.float64 and ours.shape == ref.shape == (3, tiny.n_ctx, tiny.n_vocab)
+    diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f'\nfloat32 forward against the float64 reference: relative difference {diff:.2e}')
+    assert diff <= REL_TOL
+
+
+def test_lively_params_reach_the_gelu_curve(tiny):
+    """The reference test above is only as strong as its weights: the GELU's inputs must reach
+    where the tanh and erf forms differ (|x| of 1 to 4)."""
+    p = lively_params(tiny, 0)
+    x = model.embed(p, tokens_for(tiny, 3, tiny.n_ctx), np.arange(tiny.n_ctx)[None])
+    h = model.linear(model.norm(x, p['h'][0]['ln_2']), p['h'][0]['mlp']['c_fc']).numpy()
+    assert np.mean(np.abs(h) > 1) > 0.2 and np.abs(h).max() > 3
+
+
+def test_forward_without_cache_returns_none(tiny):
+    _, cache = model.forward(tiny, random_params(tiny, 0), tokens_for(tiny, 1, 5))
     assert cache is None
-    assert ours.shape == (3, tiny.n_ctx, tiny.n_vocab)
-    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_init_params_follow_openai_initialisers():
