@@ -82,8 +82,8 @@ def test_forward_matches_float64_numpy_reference(tiny, block, jit, monkeypatch):
     What it catches (each checked once by breaking gpt2/model.py; relative difference): the erf
     GELU in place of OpenAI's tanh form (1.8e-4), layer-norm epsilon 1e-6 instead of 1e-5
     (1.1e-2), a conv1d bias dropped (0.64), layer norm with g=1, b=0 (0.80), the heads split with
-    their axes swapped (1.1); right, it is 4e-7 to 6e-7. With the old weights (std 0.02, so the GELU saw only |x| < 0.3) and an absolute
-    1e-4 the erf GELU passed."""
+    their axes swapped (1.1); right, it is 4e-7 to 6e-7. With the old weights (std 0.02, so the
+    GELU saw only |x| < 0.3) and an absolute 1e-4 the erf GELU passed."""
     if block:  # causal attention a block of queries at a time (4 blocks of 8 over n_ctx=32)
         monkeypatch.setattr(model, 'ATTN_BLOCK', block)
     p = lively_params(tiny, 0)
