@@ -36,7 +36,9 @@ def apply_penalty(logits, seen, penalty):
 
 def _order_keys(logits):
     # int32 keys in the same order as the float32 values: flipping a negative float's lower 31
-    # bits reverses the order among negatives and keeps them below the positives.
+    # bits reverses the order among negatives and keeps them below the positives. -0.0 is made
+    # +0.0 first: the two are one value (a tie), but their bits would give two keys.
+    logits = tf.where(logits == 0, tf.zeros_like(logits), logits)
     bits = tf.bitcast(logits, tf.int32)
     return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, tf.constant(0x7fffffff)), bits)
 

@@ -42,6 +42,24 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert keep(0.7, k=2) == [True, False, True, False]
 
 
+@pytest.mark.parametrize('jit', [False, True])
+def test_filters_take_minus_zero_and_zero_as_a_tie(jit):
+    """-0.0 and 0.0 are one logit: top-k keeps both when they tie with the k-th, top-p keeps both
+    when either is kept. (Ordered by their bits, -0.0 sorted below 0.0 and was dropped.)"""
+    logits = tf.constant([[1.0, 0.0, -0.0, -1.0], [-0.0, 0.0, -5.0, -5.0]])
+
+    @tf.function(jit_compile=jit)
+    def keep(k, p):
+        return (tf.math.is_finite(sampling.top_k_logits(logits, k)),
+                tf.math.is_finite(sampling.top_p_logits(logits, p)))
+    by_k, by_p = keep(2, tf.constant(0.4))
+    assert by_k.numpy().tolist() == [[True, True, True, False], [True, True, False, False]]
+    # Row 0: 0.534 above the zeros, so p = 0.4 keeps 1.0 alone; row 1: the zeros lead, both kept.
+    assert by_p.numpy().tolist() == [[True, False, False, False], [True, True, False, False]]
+    _, by_p = keep(2, tf.constant(0.6))
+    assert by_p.numpy()[0].tolist() == [True, True, True, False]
+
+
 def _reference_filters(logits, k, p):
     # Sorting, as the filters are defined: the k-th largest value, then the descending cumulative
     # probabilities of what is left (exclusive) below p, at least one token.
