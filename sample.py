@@ -3,6 +3,7 @@
 import codecs
 import datetime
 import os
+import re
 import sys
 
 from gpt2 import cli
@@ -75,8 +76,10 @@ def _read_prompts(prompt, prompt_file):
         raise UserError(f'prompt file {prompt_file} does not exist')
     with open(prompt_file, encoding='utf-8') as f:
         text = f.read()
-    # Blank-line separated blocks when there are any, else one prompt per line.
-    blocks = [b.strip('\n') for b in text.split('\n\n')] if '\n\n' in text.strip() else \
+    # Blank-line separated blocks when there are any, else one prompt per line. A line of
+    # spaces or tabs looks blank, so it counts as one.
+    blank = re.compile(r'\n(?:[ \t]*\n)+')
+    blocks = [b.strip('\n') for b in blank.split(text)] if blank.search(text.strip()) else \
         text.splitlines()
     prompts = [b for b in blocks if b.strip()]
     if not prompts:

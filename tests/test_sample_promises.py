@@ -382,3 +382,153 @@ def test_top_p_is_not_openais_inclusive_rule():
     assert openai_top_p_keep(logits[0], 0.6).tolist() == [False, True, False]
     ours = np.isfinite(sampling.top_p_logits(tf.constant(logits), tf.constant(0.6)).numpy()[0])
     assert ours.tolist() == hf
+
+
+# ---- 4. sample.py: interactive through a pipe, --stop lists, --prompt_file, printed seeds ----
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    """models/toy: sharp random weights with GPT-2's vocabulary. models/prone: a model that
+    ignores its context and writes '\\n\\n' and 'END' each with probability ~0.08 per token
+    (ln_f's gain is 0, so every position's logits are ln_f's bias times wte)."""
+    d = tmp_path_factory.mktemp('models')
+    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(d / 'toy' / 'model.ckpt'),
+                           hparams=VOCAB_HP)
+    tree = model.init_params(VOCAB_HP, seed=1)
+    e = np.zeros(VOCAB_HP.n_embd, np.float32)
+    e[0] = 1.0
+    tree['ln_f'] = {'g': np.zeros_like(e), 'b': 0.847 * e}
+    tree['wte'][[NN, END]] += 10.0 * e
+    checkpoint.save_params(tree, str(d / 'prone' / 'model.ckpt'), hparams=VOCAB_HP)
+    return d
+
+
+def samples_of(out):
+    """The samples sample.py printed between its delimiter lines (print adds one newline)."""
+    d = re.escape(SAMPLE_DELIMITER)
+    parts = re.split(rf'^{d} SAMPLE \d+ {d}\n', out, flags=re.M)
+    assert parts[0] == '' and all(p.endswith('\n') for p in parts[1:]), out
+    return [p[:-1] for p in parts[1:]]
+
+
+def _sample(models, name, argv, capsys, monkeypatch):
+    code, out, err = run_sample_py(['--models_dir', str(models), '--model_name', name,
+                                    '--xla', 'False', *argv], capsys, monkeypatch)
+    assert code == 0, err
+    return out, err
+
+
+def test_cli_interactive_answers_each_prompt_through_a_pipe(models, capsys, monkeypatch):
+    """sample.py --interactive with prompts on a pipe: one answer per non-blank prompt, in order,
+    each what --prompt gives for that prompt alone (greedy), blank lines refused, exit 0 at EOF.
+
+    Caught: the EOFError at the end of input not caught (a traceback, exit 1); each line
+    answered from the --prompt/--prompt_file prompts instead of the line (unconditional)."""
+    argv = ['--length', '6', '--temperature', '0', '--quiet']
+    prompts = ['Hello there', 'The night was']
+    proc = subprocess.run(
+        [sys.executable, 'sample.py', '--models_dir', str(models), '--model_name', 'toy',
+         '--xla', 'False', '--interactive', *argv],
+        input=f'{prompts[0]}\n\n   \n{prompts[1]}\n', capture_output=True, text=True, cwd=ROOT,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert 'Traceback' not in proc.stderr
+    asked = proc.stdout.split('Model prompt >>> ')
+    # Four lines read, then the prompt once more, answered by the end of input.
+    assert len(asked) == 6 and asked[0] == '' and asked[-1] == '', proc.stdout
+    answers = [a for a in asked if a]
+    assert len(answers) == 2 and asked[2] == asked[3] == ''
+    assert proc.stderr.count('Prompt should not be empty!') == 2
+    for prompt, answer in zip(prompts, answers):
+        alone, _ = _sample(models, 'toy', ['--prompt', prompt, *argv], capsys, monkeypatch)
+        assert answer == alone
+
+
+def test_cli_stop_json_list_stops_at_whichever_comes_first(models, capsys, monkeypatch):
+    """--stop '["\\n\\n", "END"]' (as typed in a shell): each sample ends where it first writes
+    either, without it; --stop '\\n\\n' alone at the first '\\n\\n'. Expected texts are the same
+    seeded samples run without --stop, cut by str.find.
+
+    Caught: the list taken as one string (never found: nothing stops); only its first entry
+    used."""
+    argv = ['--length', '30', '--seed', '5', '--nsamples', '8', '--batch_size', '8']
+    free = samples_of(_sample(models, 'prone', argv, capsys, monkeypatch)[0])
+    both = samples_of(_sample(models, 'prone', argv + ['--stop', '["\\n\\n", "END"]'], capsys,
+                              monkeypatch)[0])
+    one = samples_of(_sample(models, 'prone', argv + ['--stop', '\\n\\n'], capsys,
+                             monkeypatch)[0])
+    assert len(free) == len(both) == len(one) == 8
+
+    def cut(text, stops):
+        hits = [text.find(s) for s in stops if s in text]
+        return text[:min(hits)] if hits else text
+    for t, b, o in zip(free, both, one):
+        assert b == cut(t, ['\n\n', 'END']), (t, b)
+        assert o == cut(t, ['\n\n']), (t, o)
+    first = [min((t.find(s), s) for s in ('\n\n', 'END') if s in t)[1] for t in free
+             if '\n\n' in t or 'END' in t]
+    # Both entries do the stopping somewhere, so neither alone explains the texts.
+    assert first.count('\n\n') >= 2 and first.count('END') >= 2, first
+
+
+def test_cli_prompt_file_blocks_or_lines(models, tmp_path, capsys, monkeypatch):
+    """--prompt_file: one prompt per blank-line separated block when the file has a blank line
+    (a line of spaces counts), else one per line; each sample is what --prompt gives for its
+    prompt alone (greedy, --include_prompt).
+
+    Caught: always one prompt per line; always blocks (a file without blank lines would be one
+    prompt); a line of spaces not taken as blank."""
+    argv = ['--length', '4', '--temperature', '0', '--include_prompt']
+    files = {
+        'blocks.txt': ('The night was\ndark and cold\n\nOnce upon a time\n\n\nIn the beginning\n',
+                       ['The night was\ndark and cold', 'Once upon a time', 'In the beginning']),
+        'lines.txt': ('The night was\ndark and cold\nOnce upon a time\n',
+                      ['The night was', 'dark and cold', 'Once upon a time']),
+        'spaces.txt': ('The night was\ndark and cold\n  \nOnce upon a time\n',
+                       ['The night was\ndark and cold', 'Once upon a time']),
+    }
+    alone = {}
+    for name, (text, prompts) in files.items():
+        (tmp_path / name).write_text(text, encoding='utf-8')
+        got = samples_of(_sample(models, 'toy', ['--prompt_file', str(tmp_path / name), *argv],
+                                 capsys, monkeypatch)[0])
+        for p in prompts:
+            if p not in alone:
+                alone[p] = samples_of(_sample(models, 'toy', ['--prompt', p.replace('\n', '\\n'),
+                                                              *argv], capsys, monkeypatch)[0])
+        assert got == [s for p in prompts for s in alone[p]], name
+        assert all(s.startswith(p) for s, p in zip(got, prompts))
+
+
+def test_cli_drawn_seed_is_printed_and_reproduces(models, capsys, monkeypatch):
+    """Without --seed a seed is drawn and printed; --seed with the printed value gives the same
+    samples exactly (and two runs draw different seeds).
+
+    Caught: the printed seed not the one used (seed + 1); a fixed seed instead of a drawn one."""
+    argv = ['--length', '10', '--nsamples', '2', '--prompt', 'Hello']
+    out, err = _sample(models, 'toy', argv, capsys, monkeypatch)
+    seed = int(re.search(r'seed (\d+)', err).group(1))
+    again, err2 = _sample(models, 'toy', argv + ['--seed', str(seed)], capsys, monkeypatch)
+    assert again == out and f'seed {seed}' in err2
+    _, err3 = _sample(models, 'toy', argv, capsys, monkeypatch)
+    assert int(re.search(r'seed (\d+)', err3).group(1)) != seed
+
+
+def test_cli_palimpsest_drawn_seed_is_printed_and_reproduces(tmp_path, capsys, monkeypatch):
+    """sample.py palimpsest without --seed prints the seed it drew (and names the file with it);
+    --seed with that value writes the same text.
+
+    Caught: the printed seed not the one used."""
+    folder = tmp_path / 'checkpoint' / 'r'
+    for k, step in enumerate((60, 200)):
+        checkpoint.save_params(sharp(VOCAB_HP, seed=k), str(folder / f'model-{step}'),
+                               hparams=VOCAB_HP)
+    argv = ['palimpsest', '--checkpoint_dir', str(tmp_path / 'checkpoint'), '--run_name', 'r',
+            '--schedule', '0:60,4:200', '--length', '10', '--samples_dir', str(tmp_path / 's'),
+            '--xla', 'False']
+    code, out, err = run_sample_py(argv, capsys, monkeypatch)
+    assert code == 0, err
+    seed = int(re.search(r'\(seed (\d+)\)', err).group(1))
+    assert [f'seed{seed}' in n for n in os.listdir(tmp_path / 's')] == [True, True]
+    code, again, err = run_sample_py(argv + ['--seed', str(seed)], capsys, monkeypatch)
+    assert code == 0 and again == out
