@@ -2,6 +2,7 @@
 learning-rate schedules, and the loop that saves exactly resumable checkpoints."""
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -616,18 +617,29 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
     Returns {'step', 'prefix' (the last checkpoint), 'losses' (this call's), 'run_dir'}.
     """
     get_optimizer(optimizer)
+    unset = {'steps', 'seq_len', 'max_checkpoints', 'weight_decay', 'max_grad_norm'}  # None ok
     for name, v, lo in (('batch_size', batch_size, 1), ('accumulate_gradients',
                         accumulate_gradients, 1), ('save_every', save_every, 0),
                         ('sample_every', sample_every, 0), ('val_every', val_every, 0),
                         ('warmup_steps', warmup_steps, 0), ('sample_length', sample_length, 1),
-                        ('sample_num', sample_num, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                        ('sample_num', sample_num, 1), ('val_batch_size', val_batch_size, 1),
+                        ('val_batch_count', val_batch_count, 1), ('combine', combine, 1),
+                        ('seed', seed, 0), ('steps', steps, 0), ('seq_len', seq_len, 1),
+                        ('max_checkpoints', max_checkpoints, 1)):
+        if (v is not None or name not in unset) and (
+                not isinstance(v, int) or isinstance(v, bool) or v < lo):
             raise UserError(f'--{name} must be an integer >= {lo}, got {v!r}')
-    if not 0 <= noise < 1:
-        raise UserError(f'--noise is a probability in [0, 1), got {noise!r}')
-    if max_checkpoints is not None and (not isinstance(max_checkpoints, int)
-                                        or max_checkpoints < 1):
-        raise UserError(f'--max_checkpoints must be a positive integer, got {max_checkpoints!r}')
+    # Comparisons alone let NaN through (NaN < 0 is False), and a rate of -1 trains uphill.
+    for name, v, ok, want in (
+            ('learning_rate', learning_rate, lambda x: x > 0, 'a finite number > 0'),
+            ('weight_decay', weight_decay, lambda x: x >= 0, 'a finite number >= 0'),
+            ('max_grad_norm', max_grad_norm, lambda x: x > 0,
+             'a finite number > 0 (leave it out for no clipping)'),
+            ('noise', noise, lambda x: 0 <= x < 1, 'a probability in [0, 1)')):
+        if (v is not None or name not in unset) and not (
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and ok(v)):
+            raise UserError(f'--{name} must be {want}, got {v!r}')
     weight_decay = default_weight_decay(optimizer) if weight_decay is None else weight_decay
     if curriculum and dataset:
         raise UserError('give --dataset or --curriculum, not both')
