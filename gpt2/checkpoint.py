@@ -5,6 +5,7 @@ is its name split on '/', with `h0` meaning params['h'][0]. Files are the TF V2 
 `.data-00000-of-00001`) that TF1's train.Saver reads and writes, plus the `checkpoint` state
 file, so OpenAI's and nshepperd's code load what we save and we load theirs.
 """
+import glob
 import os
 import re
 import uuid
@@ -142,7 +143,8 @@ def load_params(path, hparams=None):
     """Load a checkpoint into the tree of NumPy arrays; returns (params, hparams, prefix).
 
     `hparams` defaults to the hparams.json beside the checkpoint. Every missing or unexpected
-    variable and every shape mismatch is reported together in one UserError.
+    variable and every shape mismatch is reported together in one UserError, and so is a damaged
+    data file (cut short, or failing its checksum), naming the file.
     """
     prefix = resolve(path)
     if hparams is None:
@@ -152,17 +154,46 @@ def load_params(path, hparams=None):
     try:
         reader = tf.train.load_checkpoint(prefix)
         found = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as e:
         raise UserError(f'cannot read checkpoint {prefix}: {_first_line(e)}') from None
     expected = shapes(hparams)
     check_names(expected, found, source=prefix, hparams=hparams)
+    _check_data_size(prefix, found, dtypes)
     flat = {}
     for name in expected:
         try:
             flat[name] = reader.get_tensor(name)
-        except tf.errors.OpError as e:
-            raise UserError(f'checkpoint {prefix} is damaged at {name}: {_first_line(e)}') from None
+        # A data file cut short (if the size check let it by) raises IndexError from the reader;
+        # bytes that changed raise an OpError, of code UNKNOWN on TF 2.21, about the checksum.
+        except (tf.errors.OpError, IndexError, ValueError, RuntimeError) as e:
+            why = (f'fails the checksum of {name} (its bytes are not those saved)'
+                   if 'checksum' in str(e).lower() else f'cannot give {name} ({_first_line(e)})')
+            raise UserError(f'checkpoint {prefix} is damaged: {_data_name(prefix)} {why}; copy it '
+                            'again or use another checkpoint') from None
     return unflatten(flat, hparams), hparams, prefix
+
+
+def _data_name(prefix):
+    return os.path.basename(prefix) + DATA_SUFFIX
+
+
+def _check_data_size(prefix, found, dtypes):
+    """UserError when the data file is missing or shorter than the tensors the index lists (a
+    copy that did not finish): the reader's own error for that is a 30-line IndexError."""
+    shards = glob.glob(glob.escape(prefix) + '.data-*-of-*')
+    if not shards:
+        raise UserError(f'checkpoint {prefix} is damaged: {_data_name(prefix)} is missing (only '
+                        'the .index is there); copy it again or use another checkpoint')
+    if shards != [prefix + DATA_SUFFIX] or not all(
+            d.is_numpy_compatible and d != tf.string for d in dtypes.values()):
+        return  # several shards or variable-size tensors: the reader checks those
+    want = sum(int(np.prod(found[k], dtype=np.int64)) * dtypes[k].size for k in found)
+    have = os.path.getsize(shards[0])
+    if have < want:
+        raise UserError(f'checkpoint {prefix} is damaged: {_data_name(prefix)} is {have} bytes, '
+                        f'the index expects {want} (a copy that did not finish?); copy it again '
+                        'or use another checkpoint')
 
 
 def check_names(expected, found, *, source, hparams=None):

@@ -96,3 +96,80 @@ def test_train_py_refuses_a_negative_learning_rate_in_one_line(tmp_path, tiny, d
     assert code == 1, err
     assert lines == ['train.py: error: --learning_rate must be a finite number > 0, got -1'], err
     assert not (tmp_path / 'ckpt').exists()
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+@pytest.fixture
+def saved(tmp_path, tiny):
+    """A tiny checkpoint in its own folder, with hparams.json and the vocabulary beside it."""
+    prefix = checkpoint.save_params(model.init_params(tiny, seed=1),
+                                    str(tmp_path / 'good' / 'model-5'), hparams=tiny)
+    training._copy_vocab(training._ENCODER_DIR, str(tmp_path / 'good'))
+    return prefix
+
+
+def _cut(prefix, keep):
+    data = prefix + checkpoint.DATA_SUFFIX
+    raw = open(data, 'rb').read()
+    with open(data, 'wb') as f:
+        f.write(raw[:keep])
+    return len(raw)
+
+
+@pytest.mark.parametrize('keep', [0, 1000, -1])
+def test_a_truncated_data_file_is_one_clear_error(saved, tiny, keep):
+    """Catches: load_params letting the reader's 30-line `IndexError: Read less bytes than
+    requested` through (remove the size check and the IndexError catch)."""
+    full = os.path.getsize(saved + checkpoint.DATA_SUFFIX)
+    keep = keep % full
+    _cut(saved, keep)
+    with pytest.raises(UserError) as e:
+        checkpoint.load_params(saved)
+    assert str(e.value) == (
+        f'checkpoint {saved} is damaged: model-5.data-00000-of-00001 is {keep} bytes, the index '
+        f'expects {full} (a copy that did not finish?); copy it again or use another checkpoint')
+
+
+def test_a_missing_data_file_is_one_clear_error(saved):
+    """Catches: the reader's NotFound text passed on without saying which file is missing."""
+    os.remove(saved + checkpoint.DATA_SUFFIX)
+    with pytest.raises(UserError, match=r'damaged: model-5.data-00000-of-00001 is missing'):
+        checkpoint.load_params(saved)
+
+
+def test_a_data_file_of_garbage_fails_the_checksum(saved):
+    """Catches: garbage of the right size loading as weights (the CRC check not run), or the
+    reader's error escaping as an OpError traceback."""
+    data = saved + checkpoint.DATA_SUFFIX
+    n = os.path.getsize(data)
+    with open(data, 'wb') as f:
+        f.write(np.random.default_rng(0).bytes(n))
+    with pytest.raises(UserError, match=r'^checkpoint .*model-5 is damaged: '
+                                        r'model-5.data-00000-of-00001 fails the checksum of '
+                                        r'model/'):
+        checkpoint.load_params(saved)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_scripts_report_a_damaged_checkpoint_in_one_line(tmp_path, tiny, data, saved, damage):
+    """Catches: train.py --restore_from and sample.py --checkpoint printing the reader's traceback
+    for a half-copied or garbled data file (load_params serves both)."""
+    full = _cut(saved, 5000)
+    if damage == 'garbage':
+        with open(saved + checkpoint.DATA_SUFFIX, 'wb') as f:
+            f.write(b'\x5a' * full)
+    want = 'is 5000 bytes, the index expects' if damage == 'truncated' else 'fails the checksum'
+    code, lines, err = _run(os.path.join(ROOT, 'train.py'), '--dataset', data,
+                            '--restore_from', saved, '--checkpoint_dir', str(tmp_path / 'ckpt'),
+                            '--seq_len', '16', '--sample_every', '0', '--steps', '8',
+                            cwd=tmp_path)
+    assert code == 1 and len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith(f'train.py: error: checkpoint {saved} is damaged: '
+                               'model-5.data-00000-of-00001 ') and want in lines[0], err
+    assert not (tmp_path / 'ckpt').exists()
+    code, lines, err = _run(os.path.join(ROOT, 'sample.py'), '--checkpoint', saved, '--length',
+                            '3', '--prompt', 'a', cwd=tmp_path)
+    assert code == 1 and len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith(f'sample.py: error: checkpoint {saved} is damaged: '
+                               'model-5.data-00000-of-00001 ') and want in lines[0], err
