@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2 import hparams as hparams_lib
+from gpt2 import paths
 from gpt2.errors import UserError
 
 SCOPE = 'model'
@@ -238,8 +239,12 @@ def save_params(params, prefix, *, hparams=None, update_state=True):
     try:
         tf.raw_ops.SaveV2(prefix=tmp, tensor_names=names, shape_and_slices=[''] * len(names),
                           tensors=[flat[k] for k in names])
+        # Both files reach the disk before either takes its name; the folder after the renames.
+        for suffix in (DATA_SUFFIX, '.index'):
+            paths.fsync_file(tmp + suffix)
         os.replace(tmp + DATA_SUFFIX, prefix + DATA_SUFFIX)
         os.replace(tmp + '.index', prefix + '.index')
+        paths.fsync_folder(folder)
     finally:
         for leftover in (tmp + DATA_SUFFIX, tmp + '.index'):
             if os.path.exists(leftover):
@@ -252,18 +257,15 @@ def save_params(params, prefix, *, hparams=None, update_state=True):
 
 
 def write_state(folder, latest, *, keep=None):
-    """Point the `checkpoint` file at `latest`, listing every checkpoint still on disk (atomic)."""
+    """Point the `checkpoint` file at `latest`, listing every checkpoint still on disk (atomic and
+    durable: call it only once the files it names are on the disk)."""
     listed = [p for p in list_checkpoints(folder) if p != latest] + [latest]
     if keep:
         listed = listed[-keep:]
     rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
     text = f'model_checkpoint_path: "{rel(latest)}"\n' + ''.join(
         f'all_model_checkpoint_paths: "{rel(p)}"\n' for p in listed)
-    path = os.path.join(folder, STATE_FILE)
-    tmp = f'{path}.tmp-{uuid.uuid4().hex}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    paths.write_file(os.path.join(folder, STATE_FILE), text)
 
 
 def _some(items, n=4):

@@ -1,6 +1,7 @@
-"""Default folders, how a model name becomes a folder, and atomic writes of small files."""
+"""Default folders, how a model name becomes a folder, and atomic, durable writes of files."""
+import errno
 import os
-import tempfile
+import uuid
 
 MODELS_DIR = 'models'          # download_model.py puts models/NAME here
 CHECKPOINT_DIR = 'checkpoint'  # train.py writes checkpoint/RUN/model-STEP.*
@@ -15,17 +16,68 @@ def model_dir(name, models_dir=MODELS_DIR):
     return os.path.join(str(models_dir), ALIASES.get(name.upper(), name))
 
 
-def write_text(path, text):
-    """Write `text` to `path` atomically: a temporary file in the same folder, renamed into place,
-    so a crash never leaves a half-written file under the final name (folders are created)."""
+def write_file(path, content):
+    """Write `content` to `path` atomically and durably; the one way this project writes a file.
+
+    `content` is str (UTF-8), bytes, or a function that writes into the binary file object it is
+    given (np.savez, shutil.copyfileobj). It goes to a hidden temporary name in the same folder,
+    is flushed and fsynced, renamed into place, and the folder is fsynced: a crash never leaves a
+    half-written file under the final name, and a power cut just after the call cannot leave an
+    empty one. Folders are created; the temporary file is removed on any failure.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp')
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
+        # 0o666 less the umask, as open() gives (mkstemp would make every file 0600).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'wb') as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode('utf-8') if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        replace(tmp, path, synced=True)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text(path, text):
+    """write_file for text (kept for its callers: hparams, samples, palimpsests, stamps)."""
+    write_file(path, text)
+
+
+def replace(src, dst, *, synced=False):
+    """os.replace(src, dst) made durable: src's bytes reach the disk before the rename (unless
+    `synced` says they already did), and the folder's new entry after it."""
+    if not synced:
+        fsync_file(src)
+    os.replace(src, dst)
+    fsync_folder(os.path.dirname(os.path.abspath(dst)))
+
+
+def fsync_file(path):
+    """Flush a closed file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries (creations, renames, removals) to the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a platform where folders cannot be opened (Windows): nothing to flush
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some file systems (network, FUSE) cannot fsync a folder; the file itself was fsynced.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)

@@ -462,19 +462,15 @@ def sidecar_path(prefix):
 
 
 def save_training_state(state, prefix, meta, *, keep=None):
-    """model-STEP.* in OpenAI's format, then model-STEP.train.npz (slots and `meta`), each written
-    to a temporary name and renamed, and only then the `checkpoint` state file: a crash at any
-    point leaves the previous checkpoint the latest, whole."""
+    """model-STEP.* in OpenAI's format, then model-STEP.train.npz (slots and `meta`), and only then
+    the `checkpoint` state file; each file is written under a temporary name, fsynced and renamed
+    (paths.write_file), so a crash or a power cut at any point leaves the previous checkpoint the
+    latest, whole."""
     checkpoint.save_params(state.params, prefix, hparams=state.hparams, update_state=False)
     folder = os.path.dirname(prefix) or '.'
-    tmp = os.path.join(folder, f'.tmp-{uuid.uuid4().hex}.npz')
-    try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)), **state.slot_arrays())
-        os.replace(tmp, sidecar_path(prefix))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    slots = state.slot_arrays()
+    paths.write_file(sidecar_path(prefix), lambda f: np.savez(
+        f, __meta__=np.array(json.dumps(meta)), **slots))
     checkpoint.write_state(folder, prefix, keep=keep)
     if keep:
         for old in checkpoint.list_checkpoints(folder)[:-keep]:
@@ -554,9 +550,8 @@ def _copy_vocab(src_dir, run_dir):
         if not os.path.exists(dst):
             if not os.path.isfile(src):
                 src = os.path.join(_ENCODER_DIR, name)
-            tmp = f'{dst}.tmp-{uuid.uuid4().hex}'
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with open(src, 'rb') as f:
+                paths.write_file(dst, lambda out: shutil.copyfileobj(f, out))
 
 
 def _start(*, model_name, models_dir, from_scratch, hparams, run_dir, restore_from, seed):

@@ -173,3 +173,83 @@ def test_scripts_report_a_damaged_checkpoint_in_one_line(tmp_path, tiny, data, s
     assert code == 1 and len(lines) == 1 and 'Traceback' not in err, err
     assert lines[0].startswith(f'sample.py: error: checkpoint {saved} is damaged: '
                                'model-5.data-00000-of-00001 ') and want in lines[0], err
+
+
+# ---------------------------------------------------------------- durable saves
+
+@pytest.fixture
+def synced(monkeypatch):
+    """Records ('fsync', real path) and ('replace', src, dst) in the order they happen."""
+    if not os.path.isdir('/proc/self/fd'):
+        pytest.skip('needs /proc/self/fd to name what an fd is')
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}')))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(('replace', os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    return events
+
+
+def _durable_before(events, final, limit):
+    """True if `final` took its name by a rename of a file fsynced before that rename, its folder
+    was fsynced after the rename, and both happened before event number `limit`."""
+    final = os.path.realpath(final)
+    for i, e in enumerate(events[:limit]):
+        if e[0] == 'replace' and e[2] == final:
+            fsynced = ('fsync', e[1]) in events[:i]
+            folder = ('fsync', os.path.dirname(final)) in events[i + 1:limit]
+            return fsynced and folder
+    return False
+
+
+def test_a_save_is_on_the_disk_before_the_state_file_names_it(tmp_path, tiny, synced):
+    """Catches: any of the fsyncs removed (the temporary data and index files before their
+    renames, the sidecar, the folder, the state file) or done after the state file's rename: a
+    power cut then could leave a state file naming empty files."""
+    run = tmp_path / 'run'
+    state = training.TrainState(tiny, model.init_params(tiny), 'adam')
+    prefix = str(run / 'model-3')
+    training.save_training_state(state, prefix, {'step': 3})
+    state_file = os.path.realpath(run / checkpoint.STATE_FILE)
+    named = [i for i, e in enumerate(synced) if e[0] == 'replace' and e[2] == state_file]
+    assert len(named) == 1, synced
+    for final in (prefix + checkpoint.DATA_SUFFIX, prefix + '.index',
+                  prefix + training.SIDECAR_SUFFIX, str(run / 'hparams.json')):
+        assert _durable_before(synced, final, named[0]), (final, synced)
+    # The state file itself: fsynced before its rename, its folder after.
+    assert _durable_before(synced, state_file, len(synced)), synced
+    assert training.load_training_state(prefix)[0] == {'step': 3}
+    # checkpoint.save_params alone (no sidecar whose folder fsync would cover the renames).
+    del synced[:]
+    prefix = checkpoint.save_params(model.init_params(tiny), str(run / 'model-4'))
+    named = [i for i, e in enumerate(synced) if e[0] == 'replace' and e[2] == state_file]
+    for final in (prefix + checkpoint.DATA_SUFFIX, prefix + '.index'):
+        assert _durable_before(synced, final, named[0]), (final, synced)
+
+
+def test_write_file_is_atomic_and_durable(tmp_path, synced):
+    """Catches: paths.write_file (behind hparams.json, samples, sidecars, vocab copies and the
+    state file) without its fsyncs, or leaving its temporary file after a failed write."""
+    path = tmp_path / 'sub' / 'f.txt'
+    paths.write_file(str(path), 'héllo')
+    assert path.read_text(encoding='utf-8') == 'héllo'
+    assert _durable_before(synced, str(path), len(synced)), synced
+    training._copy_vocab(training._ENCODER_DIR, str(tmp_path / 'run'))
+    for name in training.VOCAB_FILES:
+        assert _durable_before(synced, str(tmp_path / 'run' / name), len(synced)), name
+
+    def half_then_fail(f):
+        f.write(b'half')
+        raise OSError(28, 'No space left on device')
+
+    with pytest.raises(OSError):
+        paths.write_file(str(path), half_then_fail)
+    assert path.read_text(encoding='utf-8') == 'héllo'
+    assert sorted(os.listdir(tmp_path / 'sub')) == ['f.txt']
