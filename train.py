@@ -17,7 +17,7 @@ def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_s
           sample_length=T.SAMPLE_LENGTH, sample_num=T.SAMPLE_NUM, save_every=T.SAVE_EVERY,
           max_checkpoints=None, val_dataset=None, val_every=0, val_batch_size=T.VAL_BATCH_SIZE,
           val_batch_count=T.VAL_BATCH_COUNT, seed=0, curriculum=None, combine=T.COMBINE,
-          jit_compile=T.JIT_COMPILE, progress=True):
+          jit_compile=T.JIT_COMPILE, keep_optimizer_state=T.KEEP_OPTIMIZER_STATE, progress=True):
     """Train on --dataset and save checkpoint/RUN/model-STEP.* every --save_every steps.
 
     Data:
@@ -55,6 +55,9 @@ def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_s
       --nojit_compile           run the step on TF's kernels instead of XLA (slower)
     Output:
       --save_every N (1000)  --max_checkpoints N (keep all by default)
+      --keep_optimizer_state latest|all   which checkpoints keep the optimizer's slots (for Adam
+                                twice the weights): the newest only (latest; an older one resumes
+                                its step and data position with a fresh optimizer), or every one
       --sample_every N (100, 0 = never)  --sample_length N (200)  --sample_num N (1)
       --val_dataset PATH  --val_every N (0 = never)  --val_batch_size N (2)
       --val_batch_count N (40)
@@ -74,7 +77,8 @@ def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_s
             save_every=save_every, max_checkpoints=max_checkpoints, val_dataset=val_dataset,
             val_every=val_every, val_batch_size=val_batch_size,
             val_batch_count=val_batch_count, seed=seed, curriculum=curriculum,
-            combine=combine, jit_compile=jit_compile, progress=progress)
+            combine=combine, jit_compile=jit_compile, keep_optimizer_state=keep_optimizer_state,
+            progress=progress)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -53,6 +54,10 @@ JIT_COMPILE = True
 LOSS_ROWS = 512  # rows of logits the fused output layer and loss hold at once (103 MB at 124M)
 
 SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
+# --keep_optimizer_state: the optimizer slots (for Adam twice the weights) stay in the newest
+# checkpoint's sidecar only, or in every checkpoint's.
+LATEST, ALL = 'latest', 'all'
+KEEP_OPTIMIZER_STATE = LATEST
 VOCAB_FILES = ('encoder.json', 'vocab.bpe')
 SCHEDULES = ('constant', 'linear', 'cosine')
 _ENCODER_DIR = os.path.dirname(os.path.abspath(encoder_lib.__file__))
@@ -461,11 +466,16 @@ def sidecar_path(prefix):
     return prefix + SIDECAR_SUFFIX
 
 
-def save_training_state(state, prefix, meta, *, keep=None):
+def save_training_state(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
     """model-STEP.* in OpenAI's format, then model-STEP.train.npz (slots and `meta`), and only then
     the `checkpoint` state file; each file is written under a temporary name, fsynced and renamed
     (paths.write_file), so a crash or a power cut at any point leaves the previous checkpoint the
-    latest, whole."""
+    latest, whole.
+
+    Then, with `keep_optimizer_state` 'latest', the older checkpoints' sidecars are rewritten
+    without their optimizer slots (see drop_slots); with `keep`, all but the newest `keep`
+    checkpoints are deleted.
+    """
     checkpoint.save_params(state.params, prefix, hparams=state.hparams, update_state=False)
     folder = os.path.dirname(prefix) or '.'
     slots = state.slot_arrays()
@@ -478,12 +488,37 @@ def save_training_state(state, prefix, meta, *, keep=None):
                 for suffix in ('.index', checkpoint.DATA_SUFFIX, SIDECAR_SUFFIX):
                     if os.path.exists(old + suffix):
                         os.remove(old + suffix)
+    if keep_optimizer_state == LATEST:
+        step = checkpoint.step_of(prefix)
+        for old in checkpoint.list_checkpoints(folder):
+            # Only older steps: a run restarted from an earlier checkpoint leaves the later ones
+            # of its first history as they were until it saves over them.
+            if old != prefix and step is not None and (checkpoint.step_of(old) or 0) < step:
+                drop_slots(old)
     return prefix
+
+
+def drop_slots(prefix):
+    """Rewrite a checkpoint's sidecar without its optimizer slots (atomically): the step, data
+    position, sampler and RNG state stay, a few KB instead of twice the weights for Adam. True if
+    there were slots to drop; a missing or unreadable sidecar is left as it is."""
+    path = sidecar_path(prefix)
+    try:
+        with np.load(path) as z:
+            if not any(k.startswith('slot/') for k in z.files):
+                return False
+            meta = json.loads(str(z['__meta__']))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+    meta['slots_dropped'] = True
+    paths.write_file(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta))))
+    return True
 
 
 def load_training_state(prefix):
     """(meta, slot arrays) from a checkpoint's sidecar, or (None, None) when it has none (a model
-    from download_model.py, or a checkpoint from another trainer)."""
+    from download_model.py, or a checkpoint from another trainer). A sidecar whose slots were
+    dropped (drop_slots) gives meta['slots_dropped'] True and no slot arrays."""
     path = sidecar_path(prefix)
     if not os.path.isfile(path):
         return None, None
@@ -491,7 +526,7 @@ def load_training_state(prefix):
         with np.load(path) as z:
             meta = json.loads(str(z['__meta__']))
             slots = {k: z[k] for k in z.files if k != '__meta__'}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f'{path} is not a readable training state: {e}; delete it to resume '
                         'with a fresh optimizer') from None
     return meta, slots
@@ -605,7 +640,8 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
           sample_every=SAMPLE_EVERY, sample_length=SAMPLE_LENGTH, sample_num=SAMPLE_NUM,
           save_every=SAVE_EVERY, max_checkpoints=None, val_dataset=None, val_every=0,
           val_batch_size=VAL_BATCH_SIZE, val_batch_count=VAL_BATCH_COUNT, seed=0,
-          curriculum=None, combine=COMBINE, jit_compile=JIT_COMPILE, progress=True):
+          curriculum=None, combine=COMBINE, jit_compile=JIT_COMPILE,
+          keep_optimizer_state=KEEP_OPTIMIZER_STATE, progress=True):
     """Train until step `steps` (the global step, so a resumed run stops at the same place), the
     end of the curriculum, or Ctrl-C/SIGTERM; see train.py for every option.
 
@@ -635,6 +671,10 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
                 isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                 and ok(v)):
             raise UserError(f'--{name} must be {want}, got {v!r}')
+    if keep_optimizer_state not in (LATEST, ALL):
+        raise UserError(f'--keep_optimizer_state must be {LATEST} (the newest checkpoint keeps '
+                        f'the optimizer state) or {ALL} (every checkpoint), got '
+                        f'{keep_optimizer_state!r}')
     weight_decay = default_weight_decay(optimizer) if weight_decay is None else weight_decay
     if curriculum and dataset:
         raise UserError('give --dataset or --curriculum, not both')
@@ -679,8 +719,13 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
     if meta is not None:
         step = meta['step']
         avg = meta.get('avg_loss', avg)
-        if (meta['optimizer'], meta['only_transformer']) == (optimizer,
-                                                              only_train_transformer_layers):
+        same = (meta['optimizer'], meta['only_transformer']) == (optimizer,
+                                                                 only_train_transformer_layers)
+        if same and meta.get('slots_dropped') and state.slot_arrays():
+            tqdm.tqdm.write(f'note: {prefix} keeps no optimizer state (only the newest checkpoint '
+                            'of a run does, unless --keep_optimizer_state all); the optimizer '
+                            'starts afresh, the step and data position resume')
+        elif same:
             state.set_slots(slots)
         else:
             tqdm.tqdm.write(f'note: {prefix} was trained with --optimizer {meta["optimizer"]}; '
@@ -699,7 +744,8 @@ def train(dataset=None, *, model_name=MODEL_NAME, models_dir=MODELS_DIR, from_sc
                 'samplers': [s.state() for s in samplers], 'avg_loss': avg,
                 'hparams': hp.to_dict()}
         return save_training_state(state, os.path.join(run_dir, f'model-{step}'), meta,
-                                   keep=max_checkpoints)
+                                   keep=max_checkpoints,
+                                   keep_optimizer_state=keep_optimizer_state)
 
     train_step = make_train_step(hp, optimizer, weight_decay=weight_decay,
                                  max_grad_norm=max_grad_norm, recompute=memory_saving_gradients,

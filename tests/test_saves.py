@@ -253,3 +253,96 @@ def test_write_file_is_atomic_and_durable(tmp_path, synced):
         paths.write_file(str(path), half_then_fail)
     assert path.read_text(encoding='utf-8') == 'héllo'
     assert sorted(os.listdir(tmp_path / 'sub')) == ['f.txt']
+
+
+# ---------------------------------------------------------------- optimizer state on disk
+
+def test_only_the_newest_checkpoint_keeps_the_optimizer_slots(tmp_path, tiny, data):
+    """Catches: every sidecar keeping the slots (30 GB of Adam state for 20 saves at 124M), or
+    the trimming losing the step and the samplers' state from the older sidecars."""
+    run = _train(tmp_path, tiny, data, steps=6, save_every=2)['run_dir']
+    prefixes = checkpoint.list_checkpoints(run)
+    assert [checkpoint.step_of(p) for p in prefixes] == [2, 4, 6]
+    newest_meta, newest_slots = _sidecar(prefixes[-1])
+    want = {f'slot/{s}/{k}' for k in checkpoint.shapes(tiny) for s in ('m', 'v')}
+    assert newest_slots == want and not newest_meta.get('slots_dropped')
+    size = os.path.getsize(prefixes[-1] + training.SIDECAR_SUFFIX)
+    for p, step in zip(prefixes[:-1], (2, 4)):
+        meta, slots = _sidecar(p)
+        assert slots == set() and meta['slots_dropped'] is True
+        assert meta['step'] == step and meta['samplers'] and meta['datasets'] == [data]
+        assert os.path.getsize(p + training.SIDECAR_SUFFIX) < min(size / 10, 10_000)
+        checkpoint.load_params(p)  # the weights are untouched
+
+
+def test_resuming_from_an_older_checkpoint_restarts_only_the_optimizer(tmp_path, tiny, data,
+                                                                        capsys):
+    """Catches: an older checkpoint (its slots dropped) failing to resume ('optimizer state does
+    not match'), resuming silently, or losing its step or data position along with the slots."""
+    first = _train(tmp_path, tiny, data, steps=6, save_every=2, run_name='a')
+    older = os.path.join(first['run_dir'], 'model-4')
+    capsys.readouterr()
+    again = _train(tmp_path, tiny, data, steps=6, save_every=2, run_name='b', restore_from=older)
+    out = capsys.readouterr()
+    note = [line for line in (out.out + out.err).splitlines() if line.startswith('note:')]
+    assert note == [f'note: {older} keeps no optimizer state (only the newest checkpoint of a '
+                    'run does, unless --keep_optimizer_state all); the optimizer starts afresh, '
+                    'the step and data position resume'], out
+    assert again['step'] == 6 and len(again['losses']) == 2
+    # The same windows were drawn as in the first run's steps 5 and 6: the samplers resumed.
+    meta_a, _ = training.load_training_state(first['prefix'])
+    meta_b, slots_b = _sidecar(again['prefix'])
+    assert meta_b['step'] == 6 and meta_b['samplers'] == meta_a['samplers']
+    assert slots_b  # and its new checkpoint holds the fresh optimizer's slots
+
+
+def test_keep_optimizer_state_all_keeps_every_checkpoints_slots(tmp_path, tiny, data):
+    """Catches: --keep_optimizer_state all ignored (the slots dropped anyway), or a bad value
+    accepted."""
+    run = _train(tmp_path, tiny, data, steps=6, save_every=2,
+                 keep_optimizer_state='all')['run_dir']
+    want = {f'slot/{s}/{k}' for k in checkpoint.shapes(tiny) for s in ('m', 'v')}
+    for p in checkpoint.list_checkpoints(run):
+        meta, slots = _sidecar(p)
+        assert slots == want and 'slots_dropped' not in meta, p
+    with pytest.raises(UserError, match=r"--keep_optimizer_state must be latest .* or all .*, "
+                                        r"got 'newest'"):
+        _train(tmp_path, tiny, data, steps=8, keep_optimizer_state='newest', run_name='x')
+
+
+class _Crash(BaseException):
+    """A kill in the middle of a write (not an Exception, so nothing on the way catches it)."""
+
+
+def test_a_crash_while_dropping_slots_leaves_every_checkpoint_loadable(tmp_path, tiny, data,
+                                                                       monkeypatch):
+    """Catches: the slots dropped in place (a crash half-way leaves an unreadable sidecar) or
+    before the new checkpoint is named in the state file."""
+    real_savez = np.savez
+    run = os.path.join(tmp_path, 'ckpt', training.RUN_NAME)
+
+    def savez(f, **arrays):
+        if not any(k.startswith('slot/') for k in arrays):  # the rewrite without slots
+            state = open(os.path.join(run, checkpoint.STATE_FILE)).read()
+            assert state.startswith('model_checkpoint_path: "model-4"'), state
+            real_savez(f, **arrays)
+            f.truncate(f.tell() // 2)  # killed half-way through writing the file
+            raise _Crash
+        return real_savez(f, **arrays)
+
+    monkeypatch.setattr(training.np, 'savez', savez)
+    with pytest.raises(_Crash):
+        _train(tmp_path, tiny, data, steps=6, save_every=2)
+    monkeypatch.undo()
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [2, 4]
+    assert checkpoint.resolve(run) == os.path.join(run, 'model-4')
+    assert not [f for f in os.listdir(run) if f.endswith('.tmp')]
+    for p in checkpoint.list_checkpoints(run):
+        checkpoint.load_params(p)
+        meta, slots = _sidecar(p)
+        assert slots and meta['step'] == checkpoint.step_of(p)  # model-2's were never dropped
+    # And the run resumes from the newest, dropping the older checkpoints' slots this time.
+    out = _train(tmp_path, tiny, data, steps=6, save_every=2)
+    assert out['step'] == 6 and len(out['losses']) == 2
+    assert [bool(_sidecar(p)[1]) for p in checkpoint.list_checkpoints(run)] == [False, False,
+                                                                                 True]
