@@ -47,8 +47,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         faults = srv.faults.get(self.path)
         fault = faults.pop(0) if faults else None
         body = srv.files.get(self.path)
-        if fault == 500:
-            return self.send_error(500)
+        if isinstance(fault, int):  # an HTTP status: 500, 503, 408, 429, 403
+            return self.send_error(fault)
+        if fault == 'silent':  # read the request, send nothing (until the server stops, 30 s)
+            srv._stop.wait(30)
+            return
         if body is None:
             return self.send_error(404)
         start = int(re.fullmatch(r'bytes=(\d+)-', rng).group(1)) if rng else 0
@@ -85,7 +88,7 @@ class Server:
 
     def __init__(self, files, name=NAME):
         self.files = {f'/{name}/{k}': v for k, v in files.items()}
-        self.faults = {}        # path -> one-shot faults: 500, ('drop', n), ('short', n)
+        self.faults = {}        # path -> one-shot faults: a status, 'silent', ('drop'|'short', n)
         self.cut = {}           # path -> byte every response stops at, for good
         self.ignore_range = False
         self.log = []           # (path, Range header or None) of every request
@@ -380,3 +383,74 @@ def test_script_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script('../x', '--models_dir', tmp_path), 'plain folder name')
     assert_one_line_error(run_script('124M', '--models_dir', tmp_path / 'afile'), 'is a file')
     assert sorted(os.listdir(tmp_path)) == ['afile']
+
+
+# ---- the retry promises: backoff 1, 2, 4, 8, 16 s; 5 retries in a row; what counts as transient
+
+def fetch_one(server, tmp_path, file, **kw):
+    """download.fetch of one file, recording the waits through its `sleep` hook (none is slept)."""
+    sleeps = []
+    kw = {'timeout': 5, 'progress': False, **kw}
+    try:
+        download.fetch(f'{server.url}/{NAME}/{file}', str(tmp_path / file), sleep=sleeps.append,
+                       **kw)
+    except UserError as e:
+        return sleeps, e
+    return sleeps, None
+
+
+def test_backoff_doubles_from_1_s_and_gives_up_after_5_retries_in_a_row(release, server,
+                                                                         tmp_path):
+    """Catches: another schedule (BACKOFF or the doubling changed), MAX_BACKOFF not capping it,
+    or a retry count other than RETRIES = 5."""
+    server.faults[server.path('vocab.bpe')] = [500] * 5
+    sleeps, error = fetch_one(server, tmp_path, 'vocab.bpe')
+    assert error is None and sleeps == [1, 2, 4, 8, 16]
+    assert (tmp_path / 'vocab.bpe').read_bytes() == release[0]['vocab.bpe']
+    server.faults[server.path('encoder.json')] = [500] * 6
+    sleeps, error = fetch_one(server, tmp_path, 'encoder.json')
+    assert sleeps == [1, 2, 4, 8, 16]
+    assert 'encoder.json failed after 6 tries: HTTP 500' in str(error)
+    assert server.requests('encoder.json') == [None] * 6
+    assert not (tmp_path / 'encoder.json').exists()
+    server.faults[server.path('hparams.json')] = [503] * 8
+    sleeps, error = fetch_one(server, tmp_path, 'hparams.json', retries=7)
+    assert sleeps == [1, 2, 4, 8, 16, 30, 30] and error  # at most MAX_BACKOFF
+
+
+def test_a_request_that_brought_bytes_resets_the_retry_count(release, server, tmp_path):
+    """Catches: failures counted over the whole download instead of in a row (8 failures here,
+    but never more than 4 in a row: a connection that keeps dropping must still finish)."""
+    server.faults[server.path(DATA)] = [500, 500, 500, ('drop', 20_000), 500, 500, 500, 500]
+    sleeps, error = fetch_one(server, tmp_path, DATA)
+    assert error is None, error
+    assert sleeps == [1, 2, 4, 1, 2, 4, 8, 16]
+    assert server.requests(DATA) == [None] * 4 + ['bytes=20000-'] * 5
+    assert (tmp_path / DATA).read_bytes() == release[0][DATA]
+
+
+@pytest.mark.parametrize('status, retried', [(408, True), (429, True), (503, True),
+                                             (403, False)])
+def test_408_and_429_are_retried_like_5xx(release, server, tmp_path, status, retried):
+    """Catches: 408 (request timeout) or 429 (too many requests) taken out of the retried set,
+    or a 4xx that no retry can fix (403) retried."""
+    server.faults[server.path('vocab.bpe')] = [status, status]
+    sleeps, error = fetch_one(server, tmp_path, 'vocab.bpe')
+    if retried:
+        assert error is None and sleeps == [1, 2]
+        assert server.requests('vocab.bpe') == [None] * 3
+        assert (tmp_path / 'vocab.bpe').read_bytes() == release[0]['vocab.bpe']
+    else:
+        assert sleeps == [] and server.requests('vocab.bpe') == [None]
+        assert f'refused the download (HTTP {status}' in str(error)
+
+
+def test_a_server_that_sends_nothing_times_out_and_is_retried(release, server, tmp_path, capsys):
+    """Catches: no timeout on the request (it would wait for the silent server's 30 s and then
+    report a closed connection, not a timeout), or a timeout not counted as transient."""
+    server.faults[server.path('vocab.bpe')] = ['silent']
+    sleeps, error = fetch_one(server, tmp_path, 'vocab.bpe', timeout=0.5, progress=True)
+    assert error is None and sleeps == [1]
+    assert 'vocab.bpe: cannot connect (timed out); retrying in 1 s' in capsys.readouterr().err
+    assert server.requests('vocab.bpe') == [None, None]
+    assert (tmp_path / 'vocab.bpe').read_bytes() == release[0]['vocab.bpe']
