@@ -171,7 +171,8 @@ def fetch(url, dest, *, retries=RETRIES, backoff=BACKOFF, timeout=TIMEOUT, progr
     finally:
         if bar is not None:
             bar.close()
-    os.replace(part, dest)
+    # fsynced first: after a power cut an empty file under the final name would count as done.
+    paths.replace(part, dest)
     return total
 
 
@@ -310,12 +311,15 @@ def verify(folder, *, progress=True):
             for name in sorted(found):
                 reader.get_tensor(name)  # raises DataLoss on a CRC mismatch
                 bar.update(sizes[name])
-    except (tf.errors.OpError, ValueError, UserError) as e:
+    # A data file shorter than its index (a mirror's half-finished copy): IndexError.
+    except (tf.errors.OpError, ValueError, UserError, IndexError) as e:
         damaged = [os.path.join(folder, f) for f in CHECKPOINT_FILES]
         for path in damaged:
             _remove(path)
         _remove(os.path.join(folder, STAMP))
-        raise UserError(f'the downloaded checkpoint {prefix} is corrupt ({_first_line(e)}); '
+        why = ('the data file is shorter than its index says' if isinstance(e, IndexError)
+               else _first_line(e))
+        raise UserError(f'the downloaded checkpoint {prefix} is corrupt ({why}); '
                         f'deleted {" and ".join(damaged)}: run the command again to download '
                         'them again') from None
     _write_stamp(folder)

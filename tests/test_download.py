@@ -454,3 +454,31 @@ def test_a_server_that_sends_nothing_times_out_and_is_retried(release, server, t
     assert 'vocab.bpe: cannot connect (timed out); retrying in 1 s' in capsys.readouterr().err
     assert server.requests('vocab.bpe') == [None, None]
     assert (tmp_path / 'vocab.bpe').read_bytes() == release[0]['vocab.bpe']
+
+
+def test_a_truncated_data_file_from_the_mirror_is_deleted_and_reported(release, server, tmp_path):
+    """Catches: verify letting the reader's IndexError (a data file shorter than its index, as a
+    mirror holding a half-finished copy serves it) out as a traceback, or keeping the files."""
+    server.files[server.path(DATA)] = release[0][DATA][:5000]
+    with pytest.raises(UserError, match=r'checkpoint .*model.ckpt is corrupt \(.*\); deleted '
+                                        r'.*model.ckpt.data-00000-of-00001 and .*index'):
+        fetch(server, tmp_path)
+    assert not (tmp_path / 'models' / NAME / DATA).exists()
+
+
+def test_a_downloaded_file_is_on_the_disk_before_it_takes_its_name(server, tmp_path,
+                                                                  monkeypatch):
+    """Catches: the .part renamed without an fsync first (a power cut could leave an empty file
+    under the final name, which the next run would skip as complete), or the folder not fsynced."""
+    if not os.path.isdir('/proc/self/fd'):
+        pytest.skip('needs /proc/self/fd to name what an fd is')
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append(
+        ('fsync', os.readlink(f'/proc/self/fd/{fd}'))) or real_fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append(
+        ('replace', os.path.realpath(a), os.path.realpath(b))) or real_replace(a, b))
+    dest = os.path.realpath(tmp_path / 'vocab.bpe')
+    download.fetch(f'{server.url}/{NAME}/vocab.bpe', dest, progress=False)
+    i = events.index(('replace', dest + download.PART, dest))
+    assert ('fsync', dest + download.PART) in events[:i], events
+    assert ('fsync', os.path.dirname(dest)) in events[i + 1:], events
