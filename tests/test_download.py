@@ -399,8 +399,8 @@ def fetch_one(server, tmp_path, file, **kw):
     return sleeps, None
 
 
-def test_backoff_doubles_from_1_s_and_gives_up_after_5_retries_in_a_row(release, server,
-                                                                         tmp_path):
+def test_backoff_doubles_from_1_s_and_gives_up_after_5_retries_in_a_row(
+        release, server, tmp_path):
     """Catches: another schedule (BACKOFF or the doubling changed), MAX_BACKOFF not capping it,
     or a retry count other than RETRIES = 5."""
     server.faults[server.path('vocab.bpe')] = [500] * 5
@@ -466,8 +466,7 @@ def test_a_truncated_data_file_from_the_mirror_is_deleted_and_reported(release, 
     assert not (tmp_path / 'models' / NAME / DATA).exists()
 
 
-def test_a_downloaded_file_is_on_the_disk_before_it_takes_its_name(server, tmp_path,
-                                                                  monkeypatch):
+def test_a_downloaded_file_is_on_the_disk_before_it_takes_its_name(server, tmp_path, monkeypatch):
     """Catches: the .part renamed without an fsync first (a power cut could leave an empty file
     under the final name, which the next run would skip as complete), or the folder not fsynced."""
     if not os.path.isdir('/proc/self/fd'):

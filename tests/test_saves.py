@@ -78,8 +78,8 @@ def _sidecar(prefix):
     ('steps', 'ten', "an integer >= 0, got 'ten'"),
     ('seed', -1, 'an integer >= 0, got -1'),
 ])
-def test_bad_float_flags_are_refused_before_anything_is_written(tmp_path, tiny, data, flag,
-                                                                 value, want):
+def test_bad_float_flags_are_refused_before_anything_is_written(tmp_path, tiny, data, flag, value,
+                                                                want):
     """Catches: a flag checked by comparison alone (NaN passes `x < 0`), or not at all (a rate
     of -1 trained uphill; a string raised TypeError's traceback)."""
     with pytest.raises(UserError, match=f'^--{flag} must be ' + re.escape(want)):
@@ -275,8 +275,8 @@ def test_only_the_newest_checkpoint_keeps_the_optimizer_slots(tmp_path, tiny, da
         checkpoint.load_params(p)  # the weights are untouched
 
 
-def test_resuming_from_an_older_checkpoint_restarts_only_the_optimizer(tmp_path, tiny, data,
-                                                                        capsys):
+def test_resuming_from_an_older_checkpoint_restarts_only_the_optimizer(
+        tmp_path, tiny, data, capsys):
     """Catches: an older checkpoint (its slots dropped) failing to resume ('optimizer state does
     not match'), resuming silently, or losing its step or data position along with the slots."""
     first = _train(tmp_path, tiny, data, steps=6, save_every=2, run_name='a')
@@ -344,5 +344,5 @@ def test_a_crash_while_dropping_slots_leaves_every_checkpoint_loadable(tmp_path,
     # And the run resumes from the newest, dropping the older checkpoints' slots this time.
     out = _train(tmp_path, tiny, data, steps=6, save_every=2)
     assert out['step'] == 6 and len(out['losses']) == 2
-    assert [bool(_sidecar(p)[1]) for p in checkpoint.list_checkpoints(run)] == [False, False,
-                                                                                 True]
+    kept = [bool(_sidecar(p)[1]) for p in checkpoint.list_checkpoints(run)]
+    assert kept == [False, False, True]
