@@ -2,6 +2,7 @@
 recompute, frozen layers, the curriculum, signals, OpenAI's graph loading what we save."""
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -60,6 +61,28 @@ def _random_tree(hp, seed):
     return checkpoint.unflatten(flat, hp)
 
 
+def _mean_loss(hp, tree, windows):
+    """The mean next-token cross-entropy of windows [batch, seq+1] under `tree`, in NumPy from
+    model.forward's logits (not through training.loss_fn, the code under test)."""
+    logits, _ = model.forward(hp, model.to_tensors(tree), tf.constant(windows[:, :-1]))
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    picked = np.take_along_axis(logits, windows[:, 1:, None].astype(np.int64), -1)[..., 0]
+    return float(np.mean(lse - picked))
+
+
+def _scalars(run):
+    """{tag: {step: value}}: the TensorBoard scalars in a run folder, read from its event files."""
+    out = {}
+    for f in sorted(os.listdir(run)):
+        if f.startswith('events.out'):
+            for e in tf.compat.v1.train.summary_iterator(os.path.join(run, f)):
+                for v in e.summary.value:
+                    out.setdefault(v.tag, {})[e.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
 def test_loss_falls(tmp_path, tiny, data):
     losses = _train(tmp_path, tiny, data, steps=40, batch_size=4)['losses']
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
@@ -91,6 +114,34 @@ def test_checkpoints_appear_at_the_save_steps_and_load(tmp_path, tiny, data):
     assert tags['loss'].metadata.plugin_data.plugin_name == 'scalars'
 
 
+def test_logged_scalars_are_the_losses_rates_and_validation_losses(tmp_path, tiny, data):
+    """TensorBoard's scalars, read back from the event files: `loss` at steps 1..4 is each
+    returned loss, `learning_rate` the warmup's rate of that step (1/3, 2/3, 1, 1 of the base),
+    and `val_loss` at the val steps 2 and 4 the mean loss, recomputed here in NumPy, of that
+    step's checkpoint on the fixed validation batches of the validation set (random tokens, so a
+    loss on training windows would be far off).
+
+    Breaks caught (each verified): validation on the training batch, the base rate logged instead
+    of the scheduled one, the loss logged one step early."""
+    val = _npz(tmp_path / 'val.npz', np.random.default_rng(3).integers(0, tiny.n_vocab, 500))
+    base = 3e-3
+    out = _train(tmp_path, tiny, data, run_name='v', steps=4, save_every=2, val_dataset=val,
+                 val_every=2, val_batch_count=3, warmup_steps=3, learning_rate=base,
+                 jit_compile=False)
+    logged = _scalars(out['run_dir'])
+    assert logged['loss'] == pytest.approx(dict(enumerate(out['losses'], 1)), rel=1e-6)
+    assert logged['learning_rate'] == pytest.approx({s: base * min(s, 3) / 3
+                                                     for s in (1, 2, 3, 4)}, rel=1e-6)
+    assert set(logged['tokens_per_second']) == {1, 2, 3, 4}
+    batches = training.dataset_lib.validation_batches(training.dataset_lib.load_npz(val), 17,
+                                                      training.VAL_BATCH_SIZE, 3)
+    want = {}
+    for s in (2, 4):
+        tree = checkpoint.load_params(os.path.join(out['run_dir'], f'model-{s}'))[0]
+        want[s] = float(np.mean([_mean_loss(tiny, tree, b) for b in batches]))
+    assert logged['val_loss'] == pytest.approx(want, rel=1e-5)
+
+
 def test_max_checkpoints_deletes_the_oldest(tmp_path, tiny, data):
     run = _train(tmp_path, tiny, data, steps=8, save_every=2, max_checkpoints=2)['run_dir']
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [6, 8]
@@ -112,14 +163,45 @@ def test_resume_is_bit_for_bit(tmp_path, tiny, data):
     assert ma['samplers'] == mb['samplers'] and ma['step'] == mb['step'] == 20
 
 
-def test_resume_from_a_path_and_fresh(tmp_path, tiny, data):
-    first = _train(tmp_path, tiny, data, steps=4, save_every=2, run_name='a')
+def test_restore_from_a_path_and_fresh_load_those_weights(tmp_path, tiny, data):
+    """Run 'a' fine-tunes a model folder (random weights, unlike the from-scratch init) for 4 sgd
+    steps, saving at 2 and 4. --restore_from a/model-2 into run 'c' resumes there: its first
+    loss is the loss of model-2's weights on step 2's batch (recomputed here in NumPy), which is
+    neither the model's nor the run's latest checkpoint's on that batch. --restore_from fresh on
+    run 'a' starts from the model at step 0 (not from a/model-4): its losses are the first run's
+    first two, its first one the model's loss on the first batch.
+
+    Breaks caught (each verified): fresh treated as latest, fresh loading the latest checkpoint's
+    weights at step 0, a path ignored in favour of the model, a path's folder resolved to its
+    latest checkpoint."""
+    models = tmp_path / 'models'
+    base = _random_tree(tiny, 6)
+    checkpoint.save_params(base, str(models / 'm' / 'model.ckpt'), hparams=tiny)
+    opts = dict(from_scratch=False, hparams=None, model_name='m', models_dir=str(models),
+                optimizer='sgd', learning_rate=0.3, jit_compile=False)
+    batches = training.dataset_lib.Sampler(training.dataset_lib.load_npz(data), 17, seed=0)
+    batches = [batches.batch(2) for _ in range(4)]  # what run 'a' trains on, step by step
+    first = _train(tmp_path, tiny, data, steps=4, save_every=2, run_name='a', **opts)
     run = first['run_dir']
-    again = _train(tmp_path, tiny, data, steps=6, run_name='c',
-                   restore_from=os.path.join(run, 'model-2'))
-    assert len(again['losses']) == 4 and again['prefix'].endswith('c/model-6')
-    fresh = _train(tmp_path, tiny, data, steps=2, run_name='a', restore_from='fresh')
-    assert len(fresh['losses']) == 2
+    model2 = checkpoint.load_params(os.path.join(run, 'model-2'))[0]
+    model4 = checkpoint.load_params(os.path.join(run, 'model-4'))[0]
+    assert first['losses'][0] == pytest.approx(_mean_loss(tiny, base, batches[0]), rel=1e-5)
+
+    again = _train(tmp_path, tiny, data, steps=4, run_name='c',
+                   restore_from=os.path.join(run, 'model-2'), **opts)
+    assert len(again['losses']) == 2 and again['prefix'].endswith(os.path.join('c', 'model-4'))
+    on2 = {name: _mean_loss(tiny, tree, batches[2])
+           for name, tree in (('model-2', model2), ('model-4', model4), ('base', base))}
+    assert again['losses'][0] == pytest.approx(on2['model-2'], rel=1e-5), on2
+    assert min(abs(on2['model-2'] - on2[k]) for k in ('model-4', 'base')) > 1e-3, on2
+    assert again['losses'] == pytest.approx(first['losses'][2:], rel=1e-6)
+
+    fresh = _train(tmp_path, tiny, data, steps=2, run_name='a', restore_from='fresh', **opts)
+    assert fresh['step'] == 2 and fresh['losses'] == pytest.approx(first['losses'][:2], rel=1e-6)
+    on0 = {name: _mean_loss(tiny, tree, batches[0]) for name, tree in (('base', base),
+                                                                       ('model-4', model4))}
+    assert fresh['losses'][0] == pytest.approx(on0['base'], rel=1e-5), on0
+    assert abs(on0['base'] - on0['model-4']) > 1e-3, on0
 
 
 def _windows(hp, n, length, seed=0):
@@ -138,6 +220,202 @@ def test_accumulation_equals_a_bigger_batch(tiny):
     np.testing.assert_allclose(l1, l2, atol=1e-5)
     for k in p1:
         np.testing.assert_allclose(p1[k], p2[k], atol=1e-5, err_msg=k)
+
+
+def _record_step_inputs(monkeypatch):
+    """Make every compiled step (traced after this) record, per micro-batch, the inputs and the
+    windows that training.loss_and_grads gets: the loss predicts windows[:, 1:] from the inputs.
+    Returns the list the (inputs, windows) NumPy pairs go to, step by step (within a step the
+    micro-batches may come in any order). Needs jit_compile False: tf.py_function does not
+    compile under XLA."""
+    seen = []
+    real = training.loss_and_grads
+
+    def recording(hparams, params, windows, *, inputs=None, **kw):
+        x = windows[:, :-1] if inputs is None else inputs
+
+        def keep(i, w):
+            seen.append((i.numpy(), w.numpy()))
+            return np.int32(0)
+        tf.py_function(keep, [x, windows], tf.int32)  # stateful: runs without being used
+        return real(hparams, params, windows, inputs=inputs, **kw)
+    monkeypatch.setattr(training, 'loss_and_grads', recording)
+    return seen
+
+
+def test_noise_replaces_inputs_at_its_rate_over_the_vocabulary_and_never_targets(
+        tiny, monkeypatch):
+    """--noise P: over 6144 input positions the fraction replaced is P (less the 1/n_vocab of
+    draws that hit the same token) within 5 binomial standard deviations, the replacements cover
+    the vocabulary evenly (chi-square), each step and micro-batch draws its own noise, and the
+    windows whose [:, 1:] are the targets reach the loss exactly as given.
+
+    Breaks caught (each verified): noise applied to the whole windows (targets too), a rate of
+    P / 2, replacements drawn from half the vocabulary, the same seed at every step."""
+    seen = _record_step_inputs(monkeypatch)
+    p, steps, v = 0.2, 12, tiny.n_vocab
+    state = training.TrainState(tiny, model.init_params(tiny), 'sgd')
+    step = training.make_train_step(tiny, 'sgd', noise=p, jit_compile=False)
+    given = [_windows(tiny, 16, tiny.n_ctx + 1, seed=t).reshape(2, 8, -1) for t in range(steps)]
+    for t, w in enumerate(given):
+        step(state, w, 0.0, t + 1, [7, t])
+        # Targets: each micro-batch's windows reach the loss as given (in either order).
+        assert sorted(r.tobytes() for _, r in seen[2 * t:]) == sorted(m.tobytes() for m in w), \
+            f'step {t + 1}: the windows (whose [:, 1:] are the targets) are not those given'
+    assert len(seen) == 2 * steps
+    inputs = np.stack([i for i, _ in seen])
+    windows = np.stack([w for _, w in seen])
+    hit = inputs != windows[..., :-1]
+    q = p * (1 - 1 / v)  # a replacement by the same token is invisible
+    bound = 5 * np.sqrt(q * (1 - q) / hit.size)
+    counts = np.bincount(inputs[hit], minlength=v)
+    expected = hit.sum() / v
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    print(f'replaced {hit.mean():.4f} of {hit.size} (expected {q:.4f} +- {bound / 5:.4f}); '
+          f'chi-square over the vocabulary {chi2:.1f} (df {v - 1})')
+    assert abs(hit.mean() - q) < bound, (hit.mean(), q, bound)
+    assert chi2 < (v - 1) + 6 * np.sqrt(2 * (v - 1)), (chi2, counts)  # mean df, sd sqrt(2 df)
+    assert len({h.tobytes() for h in hit}) == len(hit)  # fresh noise per step and micro-batch
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'sgd', 'adafactor'])
+def test_weight_decay_applies_to_matrices_and_embeddings_only(tiny, optimizer):
+    """One step with --weight_decay 0.5 minus the same step without: -lr * wd * p on every
+    matrix (/w) and on wte and wpe, exactly nothing on biases and layer-norm gains and shifts.
+    (adamw and adafactor decay decoupled, sgd by L2: for one step from the same state all three
+    differ from the undecayed step by -lr * wd * p.)
+
+    Breaks caught (each verified): decay on every leaf, decay on /w only (not the embeddings), no
+    decay at all."""
+    tree, lr, wd = _random_tree(tiny, 4), 0.1, 0.5
+    w = _windows(tiny, 2, 17).reshape(1, 2, 17)
+    after = {}
+    for d in (0.0, wd):
+        state = training.TrainState(tiny, tree, optimizer)
+        step = training.make_train_step(tiny, optimizer, weight_decay=d, jit_compile=False)
+        step(state, w, lr, 1, [0, 0])
+        after[d] = _leaves(state.params)
+    before = _leaves(tree)
+    decayed = {'model/wte', 'model/wpe'} | {
+        f'model/h{i}/{m}/w' for i in range(tiny.n_layer)
+        for m in ('attn/c_attn', 'attn/c_proj', 'mlp/c_fc', 'mlp/c_proj')}
+    assert decayed < set(before)
+    others = set(before) - decayed
+    assert others and all(k.endswith(('/b', '/g')) for k in others)  # biases, gains, shifts
+    for k, p in before.items():
+        want = -lr * wd * p if k in decayed else np.zeros_like(p)
+        np.testing.assert_allclose(after[wd][k] - after[0.0][k], want, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize('ratio', [0.3, 3.0])
+def test_max_grad_norm_scales_the_gradients_to_that_global_norm(tiny, ratio):
+    """With sgd (update -lr * g) the step's change of the weights is -lr * g * max_norm /
+    ||g|| when the global norm ||g|| (over every leaf, computed here from loss_and_grads) is
+    above max_norm (ratio 0.3), and -lr * g unscaled below it (ratio 3).
+
+    Breaks caught (each verified): no clipping, each tensor clipped to max_norm on its own,
+    gradients always scaled to max_norm (even up)."""
+    tree, lr = _random_tree(tiny, 5), 10.0
+    w = _windows(tiny, 2, 17)
+    _, grads = training.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
+    grads = {k: g.numpy().astype(np.float64) for k, g in grads.items()}
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+    state = training.TrainState(tiny, tree, 'sgd')
+    step = training.make_train_step(tiny, 'sgd', max_grad_norm=ratio * norm, jit_compile=False)
+    step(state, w[None], lr, 1, [0, 0])
+    before, after = _leaves(tree), _leaves(state.params)
+    scale = min(1.0, ratio)  # max_norm / norm
+    delta = np.concatenate([(after[k].astype(np.float64) - before[k]).ravel() for k in grads])
+    want = np.concatenate([(-lr * scale * grads[k]).ravel() for k in grads])
+    err = np.linalg.norm(delta - want) / np.linalg.norm(want)
+    print(f'ratio {ratio}: global norm {norm:.4g}, relative error of the update {err:.2g}')
+    assert err < 1e-4
+
+
+def test_accumulate_gradients_in_train_equals_a_bigger_batch(tmp_path, tiny, data):
+    """train(accumulate_gradients=2, batch_size=2) draws the same four windows per step as
+    train(batch_size=4) (the sampler draws batch_size * accumulate at once) and, after three sgd
+    steps, has the same losses and weights to 1e-5; a batch of 2 alone ends elsewhere (so the
+    comparison can tell them apart).
+
+    Breaks caught (each verified): micro-batch gradients summed instead of averaged, only
+    batch_size windows drawn per step (the second micro-batch a repeat of the first)."""
+    opts = dict(steps=3, optimizer='sgd', learning_rate=1.0, jit_compile=False)
+    acc = _train(tmp_path, tiny, data, run_name='acc', batch_size=2, accumulate_gradients=2,
+                 **opts)
+    big = _train(tmp_path, tiny, data, run_name='big', batch_size=4, **opts)
+    small = _train(tmp_path, tiny, data, run_name='small', batch_size=2, **opts)
+    np.testing.assert_allclose(acc['losses'], big['losses'], atol=1e-5)
+    pa, pb, ps = (_leaves(checkpoint.load_params(r['prefix'])[0]) for r in (acc, big, small))
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
+    assert max(np.abs(pa[k] - ps[k]).max() for k in pa) > 1e-3
+    (ma, _), (mb, _) = (training.load_training_state(r['prefix']) for r in (acc, big))
+    assert ma['samplers'] == mb['samplers']
+
+
+def _adafactor_reference(p0, grads, lr, wd):
+    """The documented rule (training._Adafactor) in float64 NumPy, written from the docstring: no
+    momentum; for a matrix (the last two axes; leading axes of size 1) the second moment is the
+    outer product of row and column means of g^2 + 1e-30, divided by the mean of the row means;
+    for a vector it is g^2 + 1e-30 itself; both averaged with decay 1 - t^-0.8; the update
+    g / sqrt(v) is scaled down to RMS 1 when above it; decoupled weight decay p *= 1 - lr * wd.
+    Returns (parameters after each step, final moments, whether each step was clipped)."""
+    p, out, clipped = p0.astype(np.float64), [], []
+    factored = p.ndim >= 2
+    if factored:
+        assert int(np.prod(p.shape[:-2])) == 1
+        rows, cols = p.shape[-2:]
+        r, c = np.zeros(rows), np.zeros(cols)
+    else:
+        v = np.zeros(p.shape)
+    for t, g in enumerate(grads, 1):
+        g = g.astype(np.float64)
+        beta = 1 - t ** -0.8
+        g2 = g ** 2 + 1e-30
+        if factored:
+            m = g2.reshape(rows, cols)
+            r = beta * r + (1 - beta) * m.mean(1)
+            c = beta * c + (1 - beta) * m.mean(0)
+            u = g.reshape(rows, cols) / np.sqrt(np.outer(r, c) / r.mean())
+            u = u.reshape(p.shape)
+        else:
+            v = beta * v + (1 - beta) * g2
+            u = g / np.sqrt(v)
+        rms = np.sqrt(np.mean(u ** 2))
+        clipped.append(rms > 1)
+        u = u / max(1.0, rms)
+        p = p * (1 - lr * wd) - lr * u
+        out.append(p)
+    return out, ((r, c) if factored else v), clipped
+
+
+@pytest.mark.parametrize('shape', [[6, 5], [1, 6, 5], [7]], ids=['matrix', 'conv', 'vector'])
+def test_adafactor_equals_a_reference_of_its_documented_rule(shape):
+    """Six steps of training._Adafactor against _adafactor_reference on a matrix, a [1, nx, nf]
+    conv weight and a vector: weights after every step and the final moments to 1e-5. The
+    gradients change scale (x30, then x0.03) so that some steps are clipped and some not.
+
+    Breaks caught (each verified): decay 1 - t^-0.5, no update clipping, the row means not
+    divided by their mean (matrices), an epsilon of 1e-3 under the square root (vector), weight
+    decay coupled into the gradient."""
+    rng = np.random.default_rng(0)
+    lr, wd = 0.05, 0.1
+    p0 = rng.standard_normal(shape).astype(np.float32)
+    grads = [(rng.standard_normal(shape) * s).astype(np.float32)
+             for s in (1.0, 1.0, 30.0, 0.03, 1.0, 1.0)]
+    want, moments, clipped = _adafactor_reference(p0, grads, lr, wd)
+    assert any(clipped) and not all(clipped), clipped
+    rule = training.get_optimizer('adafactor')
+    p, s = tf.constant(p0), {k: tf.constant(v) for k, v in rule.init(tuple(shape)).items()}
+    for t, (g, w) in enumerate(zip(grads, want), 1):
+        p, s = rule.update(tf.constant(g), p, s, tf.constant(lr), tf.constant(float(t)), wd)
+        np.testing.assert_allclose(p.numpy(), w, rtol=1e-5, atol=1e-6, err_msg=f'step {t}')
+    if len(shape) >= 2:
+        np.testing.assert_allclose(s['vr'].numpy().ravel(), moments[0], rtol=1e-5)
+        np.testing.assert_allclose(s['vc'].numpy().ravel(), moments[1], rtol=1e-5)
+    else:
+        np.testing.assert_allclose(s['v'].numpy(), moments, rtol=1e-5)
 
 
 def test_one_micro_batch_compiles_no_accumulation_loop(tiny):
@@ -294,6 +572,12 @@ def test_every_optimizer_trains(tmp_path, tiny, data, name):
 
 
 def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
+    """Loss and every gradient against GPT2LMHeadModel (gelu_new) on random weights: the
+    gradients to a relative error ||ours - hf|| / ||hf|| per tensor of at most 1e-5 (measured:
+    5e-7 at worst, printed).
+
+    Break caught (verified): the erf GELU instead of OpenAI's tanh approximation in model.gelu
+    (worst relative error 3.8e-4, which the earlier atol 1e-4 on the gradients let through)."""
     torch = pytest.importorskip('torch')
     transformers = pytest.importorskip('transformers')
     tree = _random_tree(tiny, 2)
@@ -329,9 +613,13 @@ def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
     grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
     loss, ours = training.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), atol=1e-4)
+    rel = {}
     for k, g in ours.items():
-        np.testing.assert_allclose(hf_value(k, g.numpy()), grads[hf_name(k)], atol=1e-4,
-                                   err_msg=k)
+        want = grads[hf_name(k)].astype(np.float64)
+        rel[k] = np.linalg.norm(hf_value(k, g.numpy()) - want) / np.linalg.norm(want)
+    worst = max(rel, key=rel.get)
+    print(f'worst relative gradient error {rel[worst]:.3g} at {worst}')
+    assert rel[worst] <= 1e-5, sorted(rel.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny, data):
@@ -375,19 +663,89 @@ def test_script_errors_are_one_line(tmp_path, tiny, data):
     assert 'Traceback' not in out.stderr
 
 
-def test_sigint_saves_a_loadable_checkpoint_and_exits_0(tmp_path, tiny, data):
-    proc = subprocess.Popen(_script(tmp_path, tiny, data, '--steps', '100000', '--save_every',
-                                    '100000'), stderr=subprocess.PIPE, cwd=tmp_path)
-    seen, deadline = b'', time.time() + 120
-    while b'step=3 ' not in seen and time.time() < deadline and proc.poll() is None:
-        seen += os.read(proc.stderr.fileno(), 4096)
-    proc.send_signal(signal.SIGINT)
+def test_stop_turns_the_first_signal_into_a_flag_and_the_second_into_an_interrupt():
+    """training._Stop in-process: SIGTERM sets the flag the loop reads, a second signal
+    (SIGINT) raises KeyboardInterrupt, and the previous handlers come back on exit.
+    (signal.raise_signal runs the Python handler before it returns.)
+
+    Break caught (verified): the second signal only setting the flag again."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with training._Stop() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _read_until(proc, seen, text, seconds):
+    """proc's stderr added to `seen` until `text` is in it, the process ends or `seconds` pass
+    (a hang guard, not a measurement)."""
+    deadline = time.time() + seconds
+    while text not in seen and proc.poll() is None and time.time() < deadline:
+        if select.select([proc.stderr], [], [], max(deadline - time.time(), 0))[0]:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def _start_until_step(cmd, cwd, text):
+    # Starts train.py and reads its stderr (the tqdm bar) until `text` appears.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=cwd)
+    return proc, _read_until(proc, b'', text, 120)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_a_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, tiny, data, sig):
+    """Ctrl-C (SIGINT) or SIGTERM (what a job scheduler sends): the step in flight finishes, is
+    saved with its sidecar, and train.py exits 0.
+
+    Break caught (verified for SIGTERM): _Stop handling SIGINT only (SIGTERM then kills it)."""
+    proc, _ = _start_until_step(_script(tmp_path, tiny, data, '--steps', '100000',
+                                        '--save_every', '100000', '--nojit_compile'),
+                                tmp_path, b'step=3 ')
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
     params, hp, prefix = checkpoint.load_params(str(tmp_path / 'ckpt' / training.RUN_NAME))
     assert hp == tiny and checkpoint.step_of(prefix) >= 3
     meta, _ = training.load_training_state(prefix)
     assert meta['step'] == checkpoint.step_of(prefix)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny, data):
+    """Ctrl-C during a sample of 10^8 tokens (at step 3) waits for it to end; a second Ctrl-C
+    stops train.py at once: exit 130 with the one-line 'interrupted', no checkpoint (nor sample)
+    written, the run unfinished. Python merges signals that arrive during one call into C (the
+    sampler's first compile), so Ctrl-C is pressed again every 3 s until train.py reports the
+    interruption, at most 6 times in all.
+
+    Break caught (verified): the second signal only setting the flag again (the test then hangs
+    in the sample until the guard's timeout)."""
+    cmd = _script(tmp_path, tiny, data, '--steps', '100000', '--save_every', '100000',
+                  '--sample_length', '100000000', '--nojit_compile')
+    cmd[cmd.index('--sample_every') + 1] = '3'
+    proc, seen = _start_until_step(cmd, tmp_path, b'step=3 ')
+    done = b'train.py: error: interrupted'
+    try:
+        for sent in range(1, 7):
+            proc.send_signal(signal.SIGINT)
+            seen = _read_until(proc, seen, done, 3)
+            if done in seen or proc.poll() is not None:
+                break
+        err = (seen + proc.communicate(timeout=60)[1]).decode()  # a hang guard
+        print(f'{sent} SIGINTs sent')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == 'train.py: error: interrupted' and 'Traceback' not in err
+    run = tmp_path / 'ckpt' / training.RUN_NAME
+    assert not [f for f in os.listdir(run) if f.startswith('model-') or f == 'checkpoint']
+    assert not (tmp_path / 'samples' / training.RUN_NAME / 'samples-3').exists()
 
 
 @pytest.mark.slow
