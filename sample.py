@@ -11,7 +11,7 @@ from gpt2 import cli
 cli.quiet_tensorflow()
 
 from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import model, paths, sampling, scoring  # noqa: E402
+from gpt2 import fast, model, paths, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
 MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
@@ -193,7 +193,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
              if novel_against else None)
     params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
                                          checkpoint_dir)
-    params = model.for_decoding(params)
+    params = fast.for_decoding(params)
     stop_ids, stop_strings = _stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
     print(f'checkpoint {prefix}, seed {seed}', file=sys.stderr)

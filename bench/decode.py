@@ -19,7 +19,7 @@ import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gpt2 import hparams as hparams_lib  # noqa: E402
-from gpt2 import model, sampling  # noqa: E402
+from gpt2 import fast, model, sampling  # noqa: E402
 
 
 def bandwidth(nbytes=1 << 30, repeats=5):
@@ -43,7 +43,7 @@ def _best(fn, repeats):
 
 def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None):
     """Greedy, or with top_k a draw at temperature 1 from the top_k most likely tokens."""
-    spans = spans or [(0, (model.for_decoding(params),), (1.0,))]
+    spans = spans or [(0, (fast.for_decoding(params),), (1.0,))]
 
     def go():
         sampling.run_spans(hp, spans, prompts=prompts, batch_size=len(prompts), length=new,
@@ -82,7 +82,7 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
     threads = threads or os.cpu_count()
     hp = hparams_lib.PRESETS['124M']
     params = model.init_params(hp, seed=0)
-    other = model.for_decoding(model.init_params(hp, seed=1))
+    other = fast.for_decoding(model.init_params(hp, seed=1))
     weight_bytes = sum(np.asarray(x).nbytes for x in tf.nest.flatten(params))
     print(f'TF {tf.__version__}, {os.cpu_count()} CPUs, weights {weight_bytes / 1e6:.0f} MB')
     rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
             rows[f'ours xla={jit}'] = _best(ours(hp, params, prompts, new, jit_compile=jit),
                                             repeats)
         best_jit = min((rows['ours xla=True'], True), (rows['ours xla=False'], False))[1]
-        tensors = model.for_decoding(params)
+        tensors = fast.for_decoding(params)
         spans = [(i, ((tensors, other)[(i // swap_every) % 2],), (1.0,))
                  for i in range(0, new, swap_every)]
         rows[f'palimpsest keep, swap/{swap_every}'] = _best(

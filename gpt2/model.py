@@ -1,19 +1,17 @@
-"""GPT-2's forward pass: pure functions over a parameter tree keyed like OpenAI's checkpoint.
+"""GPT-2's math: pure functions over a parameter tree keyed like OpenAI's checkpoint.
 
 The tree is {'wte', 'wpe', 'h': [block, ...], 'ln_f'} with each block {'ln_1', 'attn': {'c_attn',
 'c_proj'}, 'ln_2', 'mlp': {'c_fc', 'c_proj'}}; leaves have the checkpoint's shapes (conv1d weights
-keep OpenAI's leading axis of 1). Leaves may be arrays, tensors or variables; nothing here makes state.
-for_decoding gives the tree with each conv1d weight stored transposed, which sampling reads faster.
+keep OpenAI's leading axis of 1). Leaves may be arrays, tensors or variables; nothing here makes
+state. Functions marked @fast.beside have a faster twin in gpt2/fast.py that computes the same thing;
+`fast.plain()` runs these plain versions everywhere.
 """
 import math
 
 import numpy as np
 import tensorflow as tf
 
-# XLA's in-place update and the check for an XLA context have no public API in TF 2.
-from tensorflow.compiler.tf2xla.python import xla
-from tensorflow.python.framework import ops
-from tensorflow.python.ops import control_flow_util
+from gpt2 import fast
 
 
 def init_params(hparams, seed=0, dtype=np.float32):
@@ -50,91 +48,27 @@ def to_tensors(params):
         lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), params)
 
 
-def for_decoding(params):
-    """The tree as tensors with each conv1d {'w' [1, nx, nf], 'b'} stored as {'w_t' [nf, nx], 'b'}:
-    what sampling passes to forward (see linear). A copy for reading, not a checkpoint layout; a
-    tree already in this layout comes back as it is."""
-    def conv1d(p):
-        if 'w_t' in p:
-            return p
-        return {'w_t': tf.transpose(tf.convert_to_tensor(p['w'])[0]), 'b': p['b']}
-
-    return to_tensors(dict(params, h=[
-        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
-             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']]))
-
-
-ATTN_BLOCK = 128  # queries per block in attention without a cache (see attn)
-FEW_ROWS = 128    # up to this many rows, products are taken weights-first (see _few_rows_matmul)
-_GELU_C = math.sqrt(2 / math.pi)
-
-
-@tf.custom_gradient
+@fast.beside
 def gelu(x):
-    """OpenAI's tanh approximation, not the erf form: the weights were trained with this one.
-
-    Its gradient keeps only x for backprop and recomputes the tanh there, so training holds one
-    [..., 4 * n_embd] tensor per block for it instead of three."""
-    y = 0.5 * x * (1 + tf.tanh(_GELU_C * (x + 0.044715 * tf.pow(x, 3))))
-
-    def grad(dy):
-        # Under XLA, a barrier keeps the tanh below from being merged with the forward one
-        # (which would keep that alive after all).
-        z = xla.optimization_barrier(x, dy)[0] if in_xla() else x
-        t = tf.tanh(_GELU_C * (z + 0.044715 * tf.pow(z, 3)))
-        return dy * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * z * z))
-    return y, grad
+    """[...] -> [...]: OpenAI's tanh approximation, not the erf form: the weights were trained with
+    this one."""
+    return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
 
 
+@fast.beside
 def norm(x, p, *, eps=1e-5):
-    """[..., n_embd] -> [..., n_embd]: layer norm with OpenAI's epsilon."""
-    @tf.custom_gradient
-    def f(x, g, b):
-        u = tf.reduce_mean(x, axis=-1, keepdims=True)
-        r = tf.math.rsqrt(tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True) + eps)
-
-        def grad(dy):
-            # The layer-norm backward written out. From TF's own gradient of the lines above,
-            # XLA fused the residual stream's gradient into every layer's copy of it and
-            # recomputed the sum over all the layers above there (~4% of a 124M training step).
-            xhat = (x - u) * r
-            dxhat = dy * g
-            dx = (dxhat - tf.reduce_mean(dxhat, axis=-1, keepdims=True) -
-                  xhat * tf.reduce_mean(dxhat * xhat, axis=-1, keepdims=True)) * r
-            rows = list(range(len(x.shape) - 1))
-            return dx, tf.reduce_sum(dy * xhat, rows), tf.reduce_sum(dy, rows)
-        return (x - u) * r * g + b, grad
-    return f(x, p['g'], p['b'])
+    """[..., n_embd] -> [..., n_embd]: layer norm with OpenAI's epsilon, gain g and shift b."""
+    u = tf.reduce_mean(x, axis=-1, keepdims=True)
+    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
+    return (x - u) * tf.math.rsqrt(s + eps) * p['g'] + p['b']
 
 
+@fast.beside
 def linear(x, p):
-    """[..., nx] -> [..., nf]: OpenAI's conv1d, a matmul with w of shape [1, nx, nf], or with the
-    transposed w_t [nf, nx] of a for_decoding tree."""
-    if 'w_t' in p:
-        nf, nx = p['w_t'].shape
-        x2 = tf.reshape(x, [-1, nx])
-        if _few(x2):
-            y = tf.transpose(_few_rows_matmul(p['w_t'], x2) + p['b'][:, None])
-        else:
-            y = tf.matmul(x2, p['w_t'], transpose_b=True) + p['b']
-    else:
-        nx, nf = p['w'].shape[-2], p['w'].shape[-1]
-        y = tf.matmul(tf.reshape(x, [-1, nx]), tf.reshape(p['w'], [nx, nf])) + p['b']
+    """[..., nx] -> [..., nf]: OpenAI's conv1d, x @ w[0] + b with w of shape [1, nx, nf]."""
+    nx, nf = p['w'].shape[-2], p['w'].shape[-1]
+    y = tf.matmul(tf.reshape(x, [-1, nx]), tf.reshape(p['w'], [nx, nf])) + p['b']
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [nf]], 0))
-
-
-def _few(x2):
-    # A statically short [rows, n] input under XLA (a decode step, a short prompt).
-    return x2.shape[0] is not None and x2.shape[0] <= FEW_ROWS and in_xla()
-
-
-def _few_rows_matmul(w_t, x2):
-    """w_t [n, k], x2 [rows, k] -> [n, rows]: w_t x2^T, for few rows under XLA.
-
-    XLA's CPU matmul reads a [n, k] weight about 1.3x (1 row) to 1.5x (8 rows) faster as the left
-    operand against the rows transposed than as x2 @ w (bench/decode.py), but folds a transpose
-    of the result back into the slower form: the barrier keeps the product as written."""
-    return xla.optimization_barrier(tf.matmul(w_t, x2, transpose_b=True))[0]
 
 
 def _split_heads(x, n_head):
@@ -149,9 +83,28 @@ def _merge_heads(x):
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, s, x.shape[1] * x.shape[3]])
 
 
-def _masked(w, mask):
-    # Where-masking rather than OpenAI's `w*b - 1e10*(1-b)`: same softmax, and no overflow in fp16.
+def masked(w, mask):
+    """Where-masking rather than OpenAI's `w*b - 1e10*(1-b)`: the same softmax, and no overflow in
+    fp16."""
     return tf.where(mask, w, tf.constant(w.dtype.min, w.dtype))
+
+
+@fast.beside
+def attend(q, k, v, mask, *, causal=False):
+    """q [batch, n_head, queries, head_dim], k, v [batch, n_head, keys, head_dim] ->
+    [batch, n_head, queries, head_dim]: softmax(q k^T / sqrt(head_dim), masked by mask
+    [batch, 1, queries, keys]) v. `causal` says the keys are the queries' own slots, from 0."""
+    w = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+    return tf.matmul(tf.nn.softmax(masked(w, mask)), v)
+
+
+@fast.beside
+def write_cache(buffer, present, pos):
+    """A layer's buffer [2, batch, n_head, length, head_dim] with `present` (seq long) put at
+    slots pos..pos+seq-1."""
+    seq = tf.shape(present)[3]
+    out = tf.concat([buffer[:, :, :, :pos], present, buffer[:, :, :, pos + seq:]], axis=3)
+    return tf.ensure_shape(out, buffer.shape)
 
 
 def attn(x, p, *, n_head, mask, past=None, pos=0):
@@ -168,27 +121,8 @@ def attn(x, p, *, n_head, mask, past=None, pos=0):
     if past is not None:
         present = write_cache(past, present, pos)
         k, v = present[0], present[1]
-    scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
-    if q.shape[2] == 1:
-        # One query per row (a decode step): a broadcast product and a sum, which XLA streams
-        # through in one pass, instead of batch x n_head matmuls with one row each.
-        w = tf.nn.softmax(_masked(tf.reduce_sum(q * k, axis=-1)[:, :, None] * scale, mask))
-        a = tf.reduce_sum(tf.transpose(w, [0, 1, 3, 2]) * v, axis=2, keepdims=True)
-    elif past is None and q.shape[2] is not None and q.shape[2] >= 2 * ATTN_BLOCK:
-        # Without a cache attention is causal: a block of queries needs the keys up to its own
-        # end only, so skipping the rest saves nearly half the work (and the saved weights).
-        a = tf.concat([_attend(q[:, :, i:i + ATTN_BLOCK], k[:, :, :i + ATTN_BLOCK],
-                               v[:, :, :i + ATTN_BLOCK],
-                               mask[..., i:i + ATTN_BLOCK, :i + ATTN_BLOCK], scale)
-                       for i in range(0, q.shape[2], ATTN_BLOCK)], axis=2)
-    else:
-        a = _attend(q, k, v, mask, scale)
+    a = attend(q, k, v, mask, causal=past is None)
     return linear(_merge_heads(a), p['c_proj']), present
-
-
-def _attend(q, k, v, mask, scale):
-    # softmax(q k^T / sqrt(head_dim), masked) v over [batch, n_head, queries | keys, head_dim]
-    return tf.matmul(tf.nn.softmax(_masked(tf.matmul(q, k, transpose_b=True) * scale, mask)), v)
 
 
 def mlp(x, p):
@@ -217,57 +151,35 @@ def empty_cache(hparams, batch, length=None, dtype=tf.float32):
     return tuple(tf.zeros(shape, dtype) for _ in range(hparams.n_layer))
 
 
-def in_xla():
-    """True while tracing code that XLA will compile (jit_compile=True), where XLA-only ops work."""
-    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
-
-
-def write_cache(buffer, present, pos):
-    """A layer's buffer [2, batch, n_head, length, head_dim] with `present` (seq long) put at
-    `pos`."""
-    if in_xla():
-        # Under XLA this is an in-place update of a loop-carried buffer.
-        zero = tf.zeros([], tf.int32)
-        return xla.dynamic_update_slice(buffer, present,
-                                        [zero] * 3 + [tf.cast(pos, tf.int32), zero])
-    seq = tf.shape(present)[3]
-    out = tf.concat([buffer[:, :, :, :pos], present, buffer[:, :, :, pos + seq:]], axis=3)
-    return tf.ensure_shape(out, buffer.shape)
-
-
 def embed(params, tokens, positions):
     """tokens, positions [batch, seq] -> [batch, seq, n_embd]: token plus position embeddings."""
     return tf.gather(params['wte'], tokens) + tf.gather(params['wpe'], positions)
 
 
+@fast.beside
+def unembed(h, wte):
+    """[rows, n_embd] -> logits [rows, n_vocab]: h wte^T (the output layer is tied to the token
+    embedding)."""
+    return tf.matmul(h, wte, transpose_b=True)
+
+
 def head(hparams, params, h):
-    """[batch, seq, n_embd] -> logits [batch, seq, n_vocab]: final norm, then the matmul with wte
-    (the output layer is tied to the token embedding)."""
+    """[batch, seq, n_embd] -> logits [batch, seq, n_vocab]: the final norm, then unembed."""
     shape = tf.shape(h)
-    h = tf.reshape(norm(h, params['ln_f']), [-1, hparams.n_embd])
-    if _few(h):
-        logits = tf.transpose(_few_rows_matmul(params['wte'], h))
-    else:
-        logits = tf.matmul(h, params['wte'], transpose_b=True)
+    logits = unembed(tf.reshape(norm(h, params['ln_f']), [-1, hparams.n_embd]), params['wte'])
     return tf.reshape(logits, tf.concat([shape[:-1], [hparams.n_vocab]], 0))
 
 
-def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
-    """tokens [batch, seq] -> (logits [batch, seq, n_vocab], cache).
-
-    Without a cache this is OpenAI's model() over the whole sequence, and the returned cache is None.
-    With a cache (a buffer per layer, see empty_cache) the tokens occupy slots pos..pos+seq-1: they
-    attend to slots before `pos` and causally to each other, and the returned cache has their keys
-    and values written in. `start` [batch] (optional) marks each row's first real slot: slots
-    before it are left padding, invisible to attention, and positions count from it, so prompts of
-    different lengths can share one batch (right-aligned) and give what each would alone.
-    """
+def hidden(hparams, params, tokens, *, cache=None, pos=0, start=None, block_fn=block):
+    """tokens [batch, seq] -> (the last block's output [batch, seq, n_embd], cache): forward
+    without the head. `block_fn` runs each block (training passes fast.recomputed(block))."""
     tokens = tf.convert_to_tensor(tokens)
     seq = tf.shape(tokens)[1]
     pos = tf.cast(pos, tf.int32)
     slots = pos + tf.range(seq)                                   # [seq]
-    offset = tf.zeros([tf.shape(tokens)[0]], tf.int32) if start is None else tf.cast(start, tf.int32)
-    positions = tf.maximum(slots[None, :] - offset[:, None], 0)   # [batch, seq]
+    # Each row's first real slot; without `start` every row starts at 0, one row stands for all.
+    offset = tf.zeros([1], tf.int32) if start is None else tf.cast(start, tf.int32)
+    positions = tf.maximum(slots[None, :] - offset[:, None], 0)   # [batch or 1, seq]
     h = embed(params, tokens, positions)
 
     if cache is None:
@@ -276,21 +188,51 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
         keys = tf.range(cache[0].shape[-2])                       # attend over the whole buffer
     # A query sees the keys at or before its slot, from its row's first real slot on.
     mask = ((keys[None, None, :] <= slots[None, :, None]) &
-            (keys[None, None, :] >= offset[:, None, None]))[:, None]   # [batch, 1, seq, keys]
+            (keys[None, None, :] >= offset[:, None, None]))[:, None]   # [batch or 1, 1, seq, keys]
 
     presents = []
     for i, p in enumerate(params['h']):
-        h, present = block(h, p, n_head=hparams.n_head, mask=mask,
-                           past=None if cache is None else cache[i], pos=pos)
+        h, present = block_fn(h, p, n_head=hparams.n_head, mask=mask,
+                              past=None if cache is None else cache[i], pos=pos)
         presents.append(present)
-    return head(hparams, params, h), None if cache is None else tuple(presents)
+    return h, None if cache is None else tuple(presents)
+
+
+def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
+    """tokens [batch, seq] -> (logits [batch, seq, n_vocab], cache).
+
+    Without a cache this is OpenAI's model() over the whole sequence, and the returned cache is
+    None. With a cache (a buffer per layer, see empty_cache) the tokens occupy slots pos..pos+seq-1: they
+    attend to slots before `pos` and causally to each other, and the returned cache has their keys
+    and values written in. `start` [batch] (optional) marks each row's first real slot: slots
+    before it are left padding, invisible to attention, and positions count from it, so prompts of
+    different lengths can share one batch (right-aligned) and give what each would alone.
+    """
+    h, cache = hidden(hparams, params, tokens, cache=cache, pos=pos, start=start)
+    return head(hparams, params, h), cache
+
+
+@fast.beside
+def cross_entropy(h, wte, targets):
+    """h [rows, n_embd] (after ln_f), targets [rows] -> the mean cross-entropy of the targets under
+    the logits unembed(h, wte)."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=targets, logits=unembed(h, wte)))
+
+
+def loss(hparams, params, inputs, targets, *, block_fn=block):
+    """inputs, targets [batch, seq] -> the mean next-token cross-entropy of predicting targets."""
+    h, _ = hidden(hparams, params, inputs, block_fn=block_fn)
+    h = tf.reshape(norm(h, params['ln_f']), [-1, hparams.n_embd])
+    return cross_entropy(h, params['wte'], tf.reshape(targets, [-1]))
 
 
 def make_forward(hparams, *, jit_compile=None):
     """forward compiled once per input shape for these hparams.
 
     `params` stays an argument, so another tree of the same shapes (another checkpoint) reuses the
-    trace; `pos` is passed as a tensor, so every position does too. `.tracing_count()` reports traces.
+    trace; `pos` is passed as a tensor, so every position does too. `.tracing_count()` reports
+    traces.
     """
     @tf.function(jit_compile=jit_compile)
     def step(params, tokens, cache, pos, start):

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import checkpoint, model, paths, sampling
+from gpt2 import checkpoint, fast, paths, sampling
 from gpt2.errors import UserError
 
 DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
@@ -157,7 +157,7 @@ class Store:
         size = sum(np.asarray(x).nbytes for x in tf.nest.flatten(params))
         while self.trees and sum(n for _, n in self.trees.values()) + size > self.budget:
             self.trees.popitem(last=False)  # the least recently used
-        self.trees[prefix] = (model.for_decoding(params), size)
+        self.trees[prefix] = (fast.for_decoding(params), size)
         self.loads += 1
         return self.trees[prefix][0]
 

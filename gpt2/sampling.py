@@ -10,6 +10,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import fast
 from gpt2 import model
 from gpt2.errors import UserError
 
@@ -378,7 +379,7 @@ def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
     prompts = [list(map(int, p)) for p in prompts]
     check_prompts(hparams, prompts)
     seed = new_seed() if seed is None else seed
-    spans = [(0, (model.for_decoding(params),), (1.0,))]
+    spans = [(0, (fast.for_decoding(params),), (1.0,))]
     return run_spans(hparams, spans, prompts=prompts, batch_size=batch_size, length=length,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      repetition_penalty=repetition_penalty, stop_ids=stop_ids,

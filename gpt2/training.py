@@ -14,13 +14,12 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 import tqdm
-# XLA's optimization barrier and the check for an XLA context have no public API in TF 2.
-from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.core.framework import summary_pb2
 
 import encoder as encoder_lib
 from gpt2 import checkpoint
 from gpt2 import dataset as dataset_lib
+from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from gpt2 import sampling
@@ -51,8 +50,6 @@ ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default; the other optimizers defau
 # TF's own kernels at the 124M shape (BENCHMARKS.md).
 JIT_COMPILE = True
 
-LOSS_ROWS = 512  # rows of logits the fused output layer and loss hold at once (103 MB at 124M)
-
 SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
 # --keep_optimizer_state: the optimizer slots (for Adam twice the weights) stay in the newest
 # checkpoint's sidecar only, or in every checkpoint's.
@@ -65,125 +62,6 @@ _ENCODER_DIR = os.path.dirname(os.path.abspath(encoder_lib.__file__))
 
 # ---------------------------------------------------------------- loss
 
-def hidden(hparams, params, tokens, *, recompute=False):
-    """tokens [batch, seq] -> the last block's output [batch, seq, n_embd], without a cache.
-
-    The same math as model.forward(cache=None) up to the head; with `recompute`, each block's
-    activations are dropped after the forward pass and recomputed during backprop, trading about a
-    third more compute for memory that no longer grows with n_layer.
-    """
-    seq = tokens.shape[1]
-    h = model.embed(params, tokens, tf.range(seq)[None])
-    mask = tf.linalg.band_part(tf.ones([seq, seq], tf.bool), -1, 0)[None, None]  # [1, 1, seq, seq]
-
-    def run_block(x, p):
-        return model.block(x, p, n_head=hparams.n_head, mask=mask)[0]
-
-    for p in params['h']:
-        if recompute:
-            # Leaves go in as arguments (not closed over) so their gradients come back out.
-            f = _recomputed(lambda x, *ls, p=p: run_block(x, tf.nest.pack_sequence_as(p, ls)))
-            h = f(h, *tf.nest.flatten(p))
-        else:
-            h = run_block(h, p)
-    return h
-
-
-def _recomputed(f):
-    """f(*tensors) -> tensor, keeping only its inputs for backprop and running it again there.
-
-    tf.recompute_grad orders the rerun after the incoming gradient by adding a NaN-guarded zero
-    to every input, weights included, which under XLA halved the speed. Here an XLA optimization
-    barrier over (inputs, gradient) orders it, and such a zero goes into the activations only, so
-    that XLA cannot merge the rerun with the forward pass (the barrier alone did not stop that);
-    outside XLA a control dependency does the ordering.
-    """
-    @tf.custom_gradient
-    def inner(*args):
-        def grad(dy):
-            if model.in_xla():
-                *xs, dy = xla.optimization_barrier(*args, dy)
-                # A zero that depends on dy, added to the activations only (not the weights):
-                # without it XLA merged the rerun with the forward pass and kept its activations.
-                zero = tf.cast(tf.math.is_finite(tf.reshape(dy, [-1])[0]), dy.dtype) * 0
-                xs[0] = xs[0] + zero
-            else:
-                with tf.control_dependencies([dy]):
-                    xs = [tf.identity(a) for a in args]
-            with tf.GradientTape() as tape:
-                tape.watch(xs)
-                y = f(*xs)
-            return tape.gradient(y, xs, output_gradients=dy)
-        return f(*args), grad
-    return inner
-
-
-def loss_fn(hparams, params, inputs, targets, *, recompute=False, fused=True):
-    """Mean cross-entropy of predicting targets [batch, seq] from inputs [batch, seq].
-
-    `fused` computes the output layer and the loss a block of rows at a time, gradients included
-    (see fused_head_loss); otherwise through model.head's whole [batch, seq, n_vocab] logits."""
-    h = hidden(hparams, params, inputs, recompute=recompute)
-    if fused:
-        x = tf.reshape(model.norm(h, params['ln_f']), [-1, hparams.n_embd])
-        return fused_head_loss(x, params['wte'], tf.reshape(targets, [-1]))
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=targets, logits=model.head(hparams, params, h)))
-
-
-def fused_head_loss(x, wte, targets, *, rows=LOSS_ROWS):
-    """Mean cross-entropy of targets [n] under logits x [n, n_embd] @ wte^T, with its gradients
-    for x and wte worked out in the same pass, a block of at most `rows` rows at a time in a loop:
-    the [n, n_vocab] logits, their softmax and its gradient never exist whole (at 1 x 1024 on 124M
-    they are 206 MB each), and nothing is recomputed. A row's loss has gradient softmax - one_hot
-    for its logits. Any n works: the last block is padded, not a smaller block size chosen.
-    """
-    n, d = x.shape
-    rows = min(rows, n)
-    blocks = -(-n // rows)
-    pad = blocks * rows - n       # the last block is padded with rows that count for nothing
-    n_vocab = wte.shape[0]
-    targets = tf.pad(targets, [[0, pad]])
-    valid = tf.pad(tf.ones([n], x.dtype), [[0, pad]])
-
-    @tf.custom_gradient
-    def loss(x, wte):
-        xp = tf.pad(x, [[0, pad], [0, 0]])
-
-        def one(i):
-            # Block i: its summed loss and its parts of the gradients for x and wte.
-            xi = tf.slice(xp, [i * rows, 0], [rows, d])
-            ti = tf.slice(targets, [i * rows], [rows])
-            vi = tf.slice(valid, [i * rows], [rows])
-            logits = tf.matmul(xi, wte, transpose_b=True)               # [rows, n_vocab]
-            lse = tf.reduce_logsumexp(logits, axis=-1)
-            total = tf.reduce_sum((lse - tf.gather(logits, ti, batch_dims=1)) * vi)
-            # The 1/n of the mean goes in here, where it costs nothing, rather than on dwte.
-            g = (tf.exp(logits - lse[:, None]) -
-                 tf.one_hot(ti, n_vocab, dtype=x.dtype)) * (vi / n)[:, None]
-            return total, tf.matmul(g, wte), tf.matmul(g, xi, transpose_a=True)
-
-        def body(i, total, dx, dwte):
-            # One wte-sized buffer carried through the loop, added to in place.
-            t, dxi, dwi = one(i)
-            return i + 1, total + t, dx.write(i, dxi), dwte + dwi
-
-        # The first block outside the loop starts the sums (no zeroed wte-sized buffer to add to).
-        total, dx, dwte = one(0)
-        if blocks > 1:  # (XLA rejects a loop of at most 0 iterations that writes a TensorArray)
-            _, total, dx, dwte = tf.while_loop(
-                lambda i, *_: i < blocks, body,
-                (tf.constant(1), total, tf.TensorArray(x.dtype, size=blocks).write(0, dx), dwte),
-                maximum_iterations=blocks - 1)
-            dx = dx.stack()
-
-        def grad(dy):
-            return tf.reshape(dx, [blocks * rows, d])[:n] * dy, dwte * dy
-        return total / n, grad
-
-    return loss(x, wte)
-
-
 def loss_and_grads(hparams, params, windows, *, names=None, recompute=False, inputs=None):
     """windows [batch, seq+1] -> (loss, {checkpoint name: gradient}) for the leaves in `names`
     (all by default). The loss predicts windows[:, 1:] from windows[:, :-1] (or from `inputs`,
@@ -195,7 +73,8 @@ def loss_and_grads(hparams, params, windows, *, names=None, recompute=False, inp
         tape.watch([leaves[k] for k in names])
         tree = checkpoint.unflatten(leaves, hparams)
         x = windows[:, :-1] if inputs is None else inputs
-        loss = loss_fn(hparams, tree, x, windows[:, 1:], recompute=recompute)
+        loss = model.loss(hparams, tree, x, windows[:, 1:],
+                          block_fn=fast.recomputed(model.block) if recompute else model.block)
     grads = tape.gradient(loss, [leaves[k] for k in names])
     return loss, {k: tf.convert_to_tensor(g) for k, g in zip(names, grads)}
 
@@ -404,7 +283,10 @@ def make_eval_step(hparams, *, jit_compile=JIT_COMPILE):
     """A compiled loss(params, windows [batch, seq+1]) -> mean next-token cross-entropy."""
     @tf.function(jit_compile=jit_compile)
     def step(params, windows):
-        return loss_fn(hparams, params, windows[:, :-1], windows[:, 1:], fused=False)
+        # Gradients are not taken here, so the plain loss, not the fused twin that works them out.
+        h, _ = model.hidden(hparams, params, windows[:, :-1])
+        h = tf.reshape(model.norm(h, params['ln_f']), [-1, hparams.n_embd])
+        return model.cross_entropy.plain(h, params['wte'], tf.reshape(windows[:, 1:], [-1]))
     return lambda params, windows: step(params, tf.constant(windows, tf.int32))
 
 

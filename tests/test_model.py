@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import checkpoint
+from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 
@@ -85,7 +86,7 @@ def test_forward_matches_float64_numpy_reference(tiny, block, jit, monkeypatch):
     their axes swapped (1.1); right, it is 4e-7 to 6e-7. With the old weights (std 0.02, so the
     GELU saw only |x| < 0.3) and an absolute 1e-4 the erf GELU passed."""
     if block:  # causal attention a block of queries at a time (4 blocks of 8 over n_ctx=32)
-        monkeypatch.setattr(model, 'ATTN_BLOCK', block)
+        monkeypatch.setattr(fast, 'ATTN_BLOCK', block)
     p = lively_params(tiny, 0)
     toks = tokens_for(tiny, 3, tiny.n_ctx)
     fn = tf.function(lambda p, t: model.forward(tiny, p, t)[0], jit_compile=jit)
@@ -181,14 +182,14 @@ def test_compiled_equals_eager_and_traces_once_across_param_trees(tiny, jit):
 
 
 @pytest.mark.parametrize('jit', [False, True])
-@pytest.mark.parametrize('few_rows', [model.FEW_ROWS, 0])
+@pytest.mark.parametrize('few_rows', [fast.FEW_ROWS, 0])
 def test_decoding_layout_gives_the_same_logits(tiny, jit, few_rows, monkeypatch):
     """for_decoding's transposed weights, in both matmul forms (weights first for few rows under
     XLA; few_rows=0 turns that off), against the checkpoint layout decoded eagerly."""
-    monkeypatch.setattr(model, 'FEW_ROWS', few_rows)
+    monkeypatch.setattr(fast, 'FEW_ROWS', few_rows)
     p = random_params(tiny, 6)
     variables = tf.nest.map_structure(tf.Variable, p)  # as training holds them
-    for tree in (model.for_decoding(p), model.for_decoding(variables)):
+    for tree in (fast.for_decoding(p), fast.for_decoding(variables)):
         c_fc = tree['h'][1]['mlp']['c_fc']
         assert set(c_fc) == {'w_t', 'b'} and c_fc['w_t'].shape == (4 * tiny.n_embd, tiny.n_embd)
         toks = tokens_for(tiny, 3, 20, seed=6)

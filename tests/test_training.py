@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import checkpoint
+from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from gpt2 import training
@@ -470,7 +471,7 @@ def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_comp
     def both(x, wte):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch([x, wte])
-            fused = 3 * training.fused_head_loss(x, wte, t, rows=rows)  # upstream gradient != 1
+            fused = 3 * fast.fused_head_loss(x, wte, t, rows=rows)  # upstream gradient != 1
             plain = 3 * tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=t, logits=tf.matmul(x, wte, transpose_b=True)))
         return fused, plain, tape.gradient(fused, [x, wte]), tape.gradient(plain, [x, wte])

@@ -1,0 +1,293 @@
+"""Speed beside the math: each function here computes what its plain twin in gpt2/model.py computes
+(named in its docstring), faster or in less memory on some device or shape; BENCHMARKS.md holds
+their measurements. `plain()` (or GPT2_PLAIN=1) runs model.py's plain math everywhere instead.
+
+The only module that imports private TensorFlow APIs (XLA's in-place update and optimization
+barrier, and the check for an XLA context, have no public API in TF 2).
+"""
+import contextlib
+import functools
+import math
+import os
+
+import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
+
+ATTN_BLOCK = 128  # queries per block in causal attention without a cache (see attend)
+FEW_ROWS = 128    # up to this many rows, products are taken weights-first (see _few_rows_matmul)
+LOSS_ROWS = 512   # rows of logits the fused output layer and loss hold at once (103 MB at 124M)
+
+PLAIN = os.environ.get('GPT2_PLAIN', '') not in ('', '0')  # the switch; read while tracing
+_TWINS = {}
+
+
+@contextlib.contextmanager
+def plain(on=True):
+    """Within this block, functions traced (or run eagerly) use model.py's plain math."""
+    global PLAIN
+    before, PLAIN = PLAIN, on
+    try:
+        yield
+    finally:
+        PLAIN = before
+
+
+def beside(plain_fn):
+    """Marks a model.py function that has a fast twin here (registered under its name with
+    _twin): calls go to the twin, handed the plain function first, unless PLAIN is set."""
+    @functools.wraps(plain_fn)
+    def call(*args, **kwargs):
+        twin = None if PLAIN else _TWINS.get(plain_fn.__name__)
+        return plain_fn(*args, **kwargs) if twin is None else twin(plain_fn, *args, **kwargs)
+    call.plain = plain_fn
+    return call
+
+
+def _twin(fn):
+    _TWINS[fn.__name__] = fn
+    return fn
+
+
+def in_xla():
+    """True while tracing code that XLA will compile (jit_compile=True), where XLA-only ops work."""
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+# ---------------------------------------------------------------- gradients that save less
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+@_twin
+def gelu(plain_gelu, x):
+    """= model.gelu; its gradient keeps only x for backprop and recomputes the tanh there, so
+    training holds one [..., 4 * n_embd] tensor per block for it instead of three."""
+    @tf.custom_gradient
+    def f(x):
+        def grad(dy):
+            # Under XLA, a barrier keeps the tanh below from being merged with the forward one
+            # (which would keep that alive after all).
+            z = xla.optimization_barrier(x, dy)[0] if in_xla() else x
+            t = tf.tanh(_GELU_C * (z + 0.044715 * tf.pow(z, 3)))
+            return dy * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C *
+                         (1 + 3 * 0.044715 * z * z))
+        return plain_gelu(x), grad
+    return f(x)
+
+
+@_twin
+def norm(plain_norm, x, p, *, eps=1e-5):
+    """= model.norm, (x - mean) * rsqrt(var + eps) * g + b, with its backward written out: from
+    TF's own gradient XLA fused the residual stream's gradient into every layer's copy of it and
+    recomputed the sum over all the layers above there."""
+    @tf.custom_gradient
+    def f(x, g, b):
+        u = tf.reduce_mean(x, axis=-1, keepdims=True)
+        r = tf.math.rsqrt(tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True) + eps)
+
+        def grad(dy):
+            xhat = (x - u) * r
+            dxhat = dy * g
+            dx = (dxhat - tf.reduce_mean(dxhat, axis=-1, keepdims=True) -
+                  xhat * tf.reduce_mean(dxhat * xhat, axis=-1, keepdims=True)) * r
+            rows = list(range(len(x.shape) - 1))
+            return dx, tf.reduce_sum(dy * xhat, rows), tf.reduce_sum(dy, rows)
+        return (x - u) * r * g + b, grad
+    return f(x, p['g'], p['b'])
+
+
+def recomputed(block):
+    """A block_fn for model.hidden that equals `block` but keeps only each block's input for
+    backprop and runs the block again there: about a third more compute, for activation memory
+    that no longer grows with n_layer. Plainly, the block itself."""
+    if PLAIN:
+        return block
+
+    def block_fn(x, p, **kw):
+        # Leaves go in as arguments (not closed over) so their gradients come back out.
+        f = _recomputed(lambda x, *leaves: block(x, tf.nest.pack_sequence_as(p, leaves), **kw)[0])
+        return f(x, *tf.nest.flatten(p)), None
+    return block_fn
+
+
+def _recomputed(f):
+    """f(*tensors) -> tensor, keeping only its inputs for backprop and running it again there.
+
+    tf.recompute_grad orders the rerun after the incoming gradient by adding a NaN-guarded zero
+    to every input, weights included, which under XLA halved the speed. Here an XLA optimization
+    barrier over (inputs, gradient) orders it, and such a zero goes into the activations only, so
+    that XLA cannot merge the rerun with the forward pass (the barrier alone did not stop that);
+    outside XLA a control dependency does the ordering.
+    """
+    @tf.custom_gradient
+    def inner(*args):
+        def grad(dy):
+            if in_xla():
+                *xs, dy = xla.optimization_barrier(*args, dy)
+                # A zero that depends on dy, added to the activations only (not the weights):
+                # without it XLA merged the rerun with the forward pass and kept its activations.
+                zero = tf.cast(tf.math.is_finite(tf.reshape(dy, [-1])[0]), dy.dtype) * 0
+                xs[0] = xs[0] + zero
+            else:
+                with tf.control_dependencies([dy]):
+                    xs = [tf.identity(a) for a in args]
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                y = f(*xs)
+            return tape.gradient(y, xs, output_gradients=dy)
+        return f(*args), grad
+    return inner
+
+
+# ---------------------------------------------------------------- decoding: weights read faster
+
+def for_decoding(params):
+    """The tree as tensors with each conv1d {'w' [1, nx, nf], 'b'} stored as {'w_t' [nf, nx], 'b'}
+    (w_t = transpose(w[0])), which linear reads faster for few rows; what sampling passes to
+    forward. A copy for reading, not a checkpoint layout; a tree already in this layout comes back
+    as it is. Plainly, the tree as it is."""
+    def conv1d(p):
+        if 'w_t' in p or PLAIN:
+            return p
+        return {'w_t': tf.transpose(tf.convert_to_tensor(p['w'])[0]), 'b': p['b']}
+
+    tree = dict(params, h=[
+        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
+             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
+    return tf.nest.map_structure(
+        lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), tree)
+
+
+@_twin
+def linear(plain_linear, x, p):
+    """= model.linear, x @ w[0] + b, also for a for_decoding tree's w_t [nf, nx] (w_t = w[0]^T):
+    few rows under XLA as (w_t x^T)^T, more as x w_t^T."""
+    if 'w_t' not in p:
+        return plain_linear(x, p)
+    nf, nx = p['w_t'].shape
+    x2 = tf.reshape(x, [-1, nx])
+    if _few(x2):
+        y = tf.transpose(_few_rows_matmul(p['w_t'], x2) + p['b'][:, None])
+    else:
+        y = tf.matmul(x2, p['w_t'], transpose_b=True) + p['b']
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [nf]], 0))
+
+
+@_twin
+def unembed(plain_unembed, h, wte):
+    """= model.unembed, h wte^T: for few rows under XLA as (wte h^T)^T."""
+    if _few(h):
+        return tf.transpose(_few_rows_matmul(wte, h))
+    return plain_unembed(h, wte)
+
+
+def _few(x2):
+    # A statically short [rows, n] input under XLA (a decode step, a short prompt).
+    return x2.shape[0] is not None and x2.shape[0] <= FEW_ROWS and in_xla()
+
+
+def _few_rows_matmul(w_t, x2):
+    """w_t [n, k], x2 [rows, k] -> [n, rows]: w_t x2^T, for few rows under XLA.
+
+    XLA's CPU matmul reads a [n, k] weight faster as the left operand against the rows transposed
+    than as x2 @ w, but folds a transpose of the result back into the slower form: the barrier
+    keeps the product as written."""
+    return xla.optimization_barrier(tf.matmul(w_t, x2, transpose_b=True))[0]
+
+
+@_twin
+def write_cache(plain_write, buffer, present, pos):
+    """= model.write_cache (the buffer with `present` put at slot pos); under XLA an in-place
+    update of a loop-carried buffer instead of a concatenation that copies it."""
+    if not in_xla():
+        return plain_write(buffer, present, pos)
+    zero = tf.zeros([], tf.int32)
+    return xla.dynamic_update_slice(buffer, present, [zero] * 3 + [tf.cast(pos, tf.int32), zero])
+
+
+# ---------------------------------------------------------------- attention
+
+@_twin
+def attend(plain_attend, q, k, v, mask, *, causal=False):
+    """= model.attend, softmax(q k^T / sqrt(head_dim), masked) v. One query per row (a decode
+    step): a broadcast product and a sum, which XLA streams through in one pass, instead of
+    batch x n_head matmuls of one row. Causal without a cache: a block of ATTN_BLOCK queries
+    needs the keys up to its own end only, so skipping the rest saves nearly half the work (and
+    the saved weights)."""
+    seq = q.shape[2]
+    if seq == 1:
+        scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+        w = tf.where(mask, tf.reduce_sum(q * k, axis=-1)[:, :, None] * scale,
+                     tf.constant(q.dtype.min, q.dtype))
+        w = tf.nn.softmax(w)
+        return tf.reduce_sum(tf.transpose(w, [0, 1, 3, 2]) * v, axis=2, keepdims=True)
+    if causal and seq is not None and seq >= 2 * ATTN_BLOCK:
+        b = ATTN_BLOCK
+        return tf.concat([plain_attend(q[:, :, i:i + b], k[:, :, :i + b], v[:, :, :i + b],
+                                       mask[..., i:i + b, :i + b])
+                          for i in range(0, seq, b)], axis=2)
+    return plain_attend(q, k, v, mask)
+
+
+# ---------------------------------------------------------------- the loss
+
+@_twin
+def cross_entropy(plain_cross_entropy, x, wte, targets):
+    """= model.cross_entropy, by fused_head_loss."""
+    return fused_head_loss(x, wte, targets)
+
+
+def fused_head_loss(x, wte, targets, *, rows=None):
+    """mean(logsumexp(x wte^T) - (x wte^T)[target]) over the n rows of x [n, n_embd] (targets
+    [n]), with its gradients for x and wte worked out in the same pass, a block of at most `rows`
+    (LOSS_ROWS) rows at a time in a loop: the [n, n_vocab] logits, their softmax and its gradient
+    never exist whole (at 1 x 1024 on 124M they are 206 MB each), and nothing is recomputed. A
+    row's loss has gradient softmax - one_hot for its logits. Any n works: the last block is
+    padded, not a smaller block size chosen. It computes the gradients even when none is taken,
+    so evaluation calls model.cross_entropy.plain."""
+    n, d = x.shape
+    rows = min(rows or LOSS_ROWS, n)
+    blocks = -(-n // rows)
+    pad = blocks * rows - n       # the last block is padded with rows that count for nothing
+    n_vocab = wte.shape[0]
+    targets = tf.pad(targets, [[0, pad]])
+    valid = tf.pad(tf.ones([n], x.dtype), [[0, pad]])
+
+    @tf.custom_gradient
+    def loss(x, wte):
+        xp = tf.pad(x, [[0, pad], [0, 0]])
+
+        def one(i):
+            # Block i: its summed loss and its parts of the gradients for x and wte.
+            xi = tf.slice(xp, [i * rows, 0], [rows, d])
+            ti = tf.slice(targets, [i * rows], [rows])
+            vi = tf.slice(valid, [i * rows], [rows])
+            logits = tf.matmul(xi, wte, transpose_b=True)               # [rows, n_vocab]
+            lse = tf.reduce_logsumexp(logits, axis=-1)
+            total = tf.reduce_sum((lse - tf.gather(logits, ti, batch_dims=1)) * vi)
+            # The 1/n of the mean goes in here, where it costs nothing, rather than on dwte.
+            g = (tf.exp(logits - lse[:, None]) -
+                 tf.one_hot(ti, n_vocab, dtype=x.dtype)) * (vi / n)[:, None]
+            return total, tf.matmul(g, wte), tf.matmul(g, xi, transpose_a=True)
+
+        def body(i, total, dx, dwte):
+            # One wte-sized buffer carried through the loop, added to in place.
+            t, dxi, dwi = one(i)
+            return i + 1, total + t, dx.write(i, dxi), dwte + dwi
+
+        # The first block outside the loop starts the sums (no zeroed wte-sized buffer to add to).
+        total, dx, dwte = one(0)
+        if blocks > 1:  # (XLA rejects a loop of at most 0 iterations that writes a TensorArray)
+            _, total, dx, dwte = tf.while_loop(
+                lambda i, *_: i < blocks, body,
+                (tf.constant(1), total, tf.TensorArray(x.dtype, size=blocks).write(0, dx), dwte),
+                maximum_iterations=blocks - 1)
+            dx = dx.stack()
+
+        def grad(dy):
+            return tf.reshape(dx, [blocks * rows, d])[:n] * dy, dwte * dy
+        return total / n, grad
+
+    return loss(x, wte)
