@@ -9,7 +9,11 @@ import re
 import numpy as np
 import regex
 
-from gpt2.errors import UserError
+
+class EncoderError(ValueError):
+    """Bad vocabulary files, unknown special tokens or ids out of range; the message says which
+    and what was expected (gpt2's scripts print it as one line)."""
+
 
 # OpenAI's pre-tokenisation: contractions, letters, numbers, other symbols, whitespace runs.
 PATTERN = regex.compile(
@@ -209,7 +213,7 @@ class Encoder:
             allowed_special = self.special_tokens.keys()
         unknown = [t for t in allowed_special if t not in self.special_tokens]
         if unknown:
-            raise UserError(f'unknown special tokens {unknown}; known: {list(self.special_tokens)}')
+            raise EncoderError(f'unknown special tokens {unknown}; known: {list(self.special_tokens)}')
         allowed = [t for t in allowed_special if t in text]
         if not allowed:
             return [(None, text)] if text else []
@@ -224,7 +228,7 @@ class Encoder:
         except (IndexError, TypeError):
             bad = [i for i in ids if not (isinstance(i, int) or hasattr(i, '__index__'))
                    or not 0 <= int(i) < len(table)]
-            raise UserError(f'token ids out of range 0..{len(table) - 1}: {bad[:5]}') from None
+            raise EncoderError(f'token ids out of range 0..{len(table) - 1}: {bad[:5]}') from None
 
     def decode(self, ids):
         """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD, never an error."""
@@ -248,7 +252,7 @@ def _load(encoder_path, vocab_path):
         with open(vocab_path, encoding='utf-8') as f:
             lines = f.read().split('\n')
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read the BPE vocabulary ({encoder_path}, {vocab_path}): {e}') from None
+        raise EncoderError(f'cannot read the BPE vocabulary ({encoder_path}, {vocab_path}): {e}') from None
     # First line is '#version: 0.2'; the file ends with a newline. Lines are kept as they are
     # (the encoder's keys) unless their spacing needs tidying: splitting 50,000 lines into
     # pairs took a fifth of every vocabulary load.
@@ -256,7 +260,7 @@ def _load(encoder_path, vocab_path):
               for line in lines[1:] if line.strip()]
     bad = [m for m in merges if m.count(' ') != 1]
     if bad or not isinstance(vocab, dict):
-        raise UserError(f'malformed BPE vocabulary in {vocab_path}: {bad[:1]}')
+        raise EncoderError(f'malformed BPE vocabulary in {vocab_path}: {bad[:1]}')
     return Encoder(vocab, merges)
 
 

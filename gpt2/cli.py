@@ -5,7 +5,7 @@ import sys
 
 import fire
 
-from gpt2.errors import UserError
+from gpt2.errors import USER_ERRORS
 
 
 def quiet_tensorflow():
@@ -27,14 +27,15 @@ def quiet_tensorflow():
 
 
 def main(component, *, name=None):
-    """Run `component` with fire; turn a UserError or OS error into one line on stderr.
+    """Run `component` with fire; turn a user error (USER_ERRORS) or OS error into one line on
+    stderr.
 
     Exit codes: 0 ok, 1 bad input or a failed file operation, 130 interrupted.
     """
     prog = name or sys.argv[0].rsplit('/', 1)[-1]
     try:
         fire.Fire(component, name=prog)
-    except UserError as e:
+    except USER_ERRORS as e:
         _die(prog, str(e))
     except OSError as e:
         # Full disk, permissions, a path that is a file: these come from the user's machine.

@@ -1,13 +1,14 @@
 """encoder/: OpenAI's token ids, checked against tiktoken built from the same vocabulary files."""
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import encoder
-from gpt2.errors import UserError
 from tests.conftest import SHARED, corpus_files
 
 import tiktoken  # noqa: E402
@@ -78,7 +79,7 @@ def test_endoftext_is_text_by_default_and_one_id_when_allowed(enc):
     assert encoder.EOT_ID not in as_text and len(as_text) > 3
     assert enc.encode('a<|endoftext|>b', allowed_special=[encoder.EOT]) == [64, 50256, 65]
     assert enc.decode([64, 50256, 65]) == 'a<|endoftext|>b'
-    with pytest.raises(UserError, match='unknown special'):
+    with pytest.raises(encoder.EncoderError, match='unknown special'):
         enc.encode('x', allowed_special=['<|nope|>'])
 
 
@@ -87,7 +88,7 @@ def test_decode_replaces_invalid_utf8_and_rejects_bad_ids(enc):
     first_byte = enc.encoder[encoder.bytes_to_unicode()[0xC3]]
     assert enc.decode([first_byte]) == '\ufffd'
     assert enc.decode([first_byte, 64]) == '\ufffda'
-    with pytest.raises(UserError, match='out of range'):
+    with pytest.raises(encoder.EncoderError, match='out of range'):
         enc.decode([50257])
 
 
@@ -143,5 +144,17 @@ def test_merge_lines_with_odd_spacing_load_and_malformed_ones_are_reported(tmp_p
     bad.mkdir()
     (bad / 'encoder.json').write_text(__import__('json').dumps(vocab))
     (bad / 'vocab.bpe').write_text('#version: 0.2\na b c\n')
-    with pytest.raises(UserError, match='malformed BPE vocabulary'):
+    with pytest.raises(encoder.EncoderError, match='malformed BPE vocabulary'):
         encoder.get_encoder(str(bad))
+
+
+def test_the_encoder_package_stands_alone():
+    """encoder/ is a BPE package usable without gpt2/: importing and using it loads no gpt2
+    module."""
+    code = ('import sys, encoder; encoder.get_encoder().encode("x");'
+            'loaded = [m for m in sys.modules if m.split(".")[0] == "gpt2"];'
+            'print(loaded); sys.exit(1 if loaded else 0)')
+    root = os.path.dirname(HERE)  # the checkout under test, not an installed copy
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert out.returncode == 0, out.stderr
