@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2 import hparams as hparams_lib
+from gpt2 import model
 from gpt2 import paths
 from gpt2.errors import UserError
 
@@ -25,52 +26,32 @@ _STEP = re.compile(r'-(\d+)$')
 _SLOT_SUFFIXES = ('/Adam', '/Adam_1', '/Momentum', '/RMSProp', '/RMSProp_1')
 
 
+def map_named(fn, tree):
+    """The tree with each leaf replaced by fn(checkpoint name, leaf)."""
+    def visit(node, path):
+        if isinstance(node, dict):
+            return {k: visit(v, f'{path}/{k}') for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [visit(v, f'{path}{i}') for i, v in enumerate(node)]  # params['h'][0]: h0
+        return fn(path, node)
+    return visit(tree, SCOPE)
+
+
 def flatten(params):
     """Tree -> {checkpoint name: leaf}."""
     flat = {}
-
-    def visit(node, path):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                visit(v, f'{path}/{k}')
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                visit(v, f'{path}{i}')  # params['h'][0] -> model/h0
-        else:
-            flat[path] = node
-
-    visit(params, SCOPE)
+    map_named(flat.__setitem__, params)
     return flat
 
 
 def shapes(hparams):
     """{checkpoint name: shape} of every variable a model with these hparams has."""
-    d, n = hparams.n_embd, hparams.n_layer
-    out = {f'{SCOPE}/wte': [hparams.n_vocab, d], f'{SCOPE}/wpe': [hparams.n_ctx, d],
-           f'{SCOPE}/ln_f/g': [d], f'{SCOPE}/ln_f/b': [d]}
-    for i in range(n):
-        h = f'{SCOPE}/h{i}'
-        for ln in ('ln_1', 'ln_2'):
-            out.update({f'{h}/{ln}/g': [d], f'{h}/{ln}/b': [d]})
-        for name, nx, nf in (('attn/c_attn', d, 3 * d), ('attn/c_proj', d, d),
-                             ('mlp/c_fc', d, 4 * d), ('mlp/c_proj', 4 * d, d)):
-            out.update({f'{h}/{name}/w': [1, nx, nf], f'{h}/{name}/b': [nf]})
-    return out
+    return {k: list(p.shape) for k, p in flatten(model.spec(hparams)).items()}
 
 
 def unflatten(flat, hparams):
     """{checkpoint name: leaf} -> tree (names must be exactly those of `shapes(hparams)`)."""
-    def layer(i):
-        g = lambda name: flat[f'{SCOPE}/h{i}/{name}']  # noqa: E731
-        return {
-            'ln_1': {'g': g('ln_1/g'), 'b': g('ln_1/b')},
-            'attn': {k: {'w': g(f'attn/{k}/w'), 'b': g(f'attn/{k}/b')} for k in ('c_attn', 'c_proj')},
-            'ln_2': {'g': g('ln_2/g'), 'b': g('ln_2/b')},
-            'mlp': {k: {'w': g(f'mlp/{k}/w'), 'b': g(f'mlp/{k}/b')} for k in ('c_fc', 'c_proj')},
-        }
-    return {'wte': flat[f'{SCOPE}/wte'], 'wpe': flat[f'{SCOPE}/wpe'],
-            'h': [layer(i) for i in range(hparams.n_layer)],
-            'ln_f': {'g': flat[f'{SCOPE}/ln_f/g'], 'b': flat[f'{SCOPE}/ln_f/b']}}
+    return map_named(lambda name, _: flat[name], model.spec(hparams))
 
 
 def step_of(prefix):

@@ -2,10 +2,11 @@
 
 The tree is {'wte', 'wpe', 'h': [block, ...], 'ln_f'} with each block {'ln_1', 'attn': {'c_attn',
 'c_proj'}, 'ln_2', 'mlp': {'c_fc', 'c_proj'}}; leaves have the checkpoint's shapes (conv1d weights
-keep OpenAI's leading axis of 1). Leaves may be arrays, tensors or variables; nothing here makes
-state. Functions marked @fast.beside have a faster twin in gpt2/fast.py that computes the same thing;
-`fast.plain()` runs these plain versions everywhere.
+keep OpenAI's leading axis of 1); `spec` defines it. Leaves may be arrays, tensors or variables;
+nothing here makes state. Functions marked @fast.beside have a faster twin in gpt2/fast.py that
+computes the same thing; `fast.plain()` runs these plain versions everywhere.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -14,31 +15,59 @@ import tensorflow as tf
 from gpt2 import fast
 
 
-def init_params(hparams, seed=0, dtype=np.float32):
-    """A fresh tree with OpenAI's initialisers: N(0, 0.02) weights, N(0, 0.01) wpe, zero biases."""
-    rng = np.random.default_rng(seed)
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One leaf of the tree: its shape and OpenAI's initialiser (a normal's std, 'ones' or
+    'zeros')."""
+    shape: tuple
+    init: object
 
-    def normal(shape, std):
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
 
-    def norm(n):
-        return {'g': np.ones([n], dtype), 'b': np.zeros([n], dtype)}
-
-    def conv1d(nx, nf):
-        return {'w': normal([1, nx, nf], 0.02), 'b': np.zeros([nf], dtype)}
-
+def spec(hparams):
+    """The parameter tree with a Param at each leaf: the one definition of the tree's names, shapes
+    and initialisers, which init_params and checkpoint's shapes, flatten and unflatten follow."""
     d = hparams.n_embd
+
+    def norm():
+        return {'g': Param((d,), 'ones'), 'b': Param((d,), 'zeros')}
+
+    def conv1d(nx, nf):  # OpenAI's conv1d keeps a leading axis of 1 on its weight
+        return {'w': Param((1, nx, nf), 0.02), 'b': Param((nf,), 'zeros')}
+
     return {
-        'wte': normal([hparams.n_vocab, d], 0.02),
-        'wpe': normal([hparams.n_ctx, d], 0.01),
+        'wte': Param((hparams.n_vocab, d), 0.02),
+        'wpe': Param((hparams.n_ctx, d), 0.01),
         'h': [{
-            'ln_1': norm(d),
+            'ln_1': norm(),
             'attn': {'c_attn': conv1d(d, 3 * d), 'c_proj': conv1d(d, d)},
-            'ln_2': norm(d),
+            'ln_2': norm(),
             'mlp': {'c_fc': conv1d(d, 4 * d), 'c_proj': conv1d(4 * d, d)},
         } for _ in range(hparams.n_layer)],
-        'ln_f': norm(d),
+        'ln_f': norm(),
     }
+
+
+def init_params(hparams, seed=0, dtype=np.float32):
+    """A fresh tree with OpenAI's initialisers: N(0, 0.02) weights, N(0, 0.01) wpe, zero biases,
+    unit gains."""
+    rng = np.random.default_rng(seed)
+
+    def init(p):
+        if p.init == 'ones':
+            return np.ones(p.shape, dtype)
+        if p.init == 'zeros':
+            return np.zeros(p.shape, dtype)
+        return (rng.standard_normal(p.shape, dtype=np.float32) * p.init).astype(dtype)
+    # (tf.nest visits dict keys sorted, which would change the draws; this keeps OpenAI's order.)
+    return _map(init, spec(hparams))
+
+
+def _map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map(fn, v) for v in tree]
+    return fn(tree)
 
 
 def to_tensors(params):
@@ -202,11 +231,12 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
     """tokens [batch, seq] -> (logits [batch, seq, n_vocab], cache).
 
     Without a cache this is OpenAI's model() over the whole sequence, and the returned cache is
-    None. With a cache (a buffer per layer, see empty_cache) the tokens occupy slots pos..pos+seq-1: they
-    attend to slots before `pos` and causally to each other, and the returned cache has their keys
-    and values written in. `start` [batch] (optional) marks each row's first real slot: slots
-    before it are left padding, invisible to attention, and positions count from it, so prompts of
-    different lengths can share one batch (right-aligned) and give what each would alone.
+    None. With a cache (a buffer per layer, see empty_cache) the tokens occupy slots
+    pos..pos+seq-1: they attend to slots before `pos` and causally to each other, and the returned
+    cache has their keys and values written in. `start` [batch] (optional) marks each row's first
+    real slot: slots before it are left padding, invisible to attention, and positions count from
+    it, so prompts of different lengths can share one batch (right-aligned) and give what each
+    would alone.
     """
     h, cache = hidden(hparams, params, tokens, cache=cache, pos=pos, start=start)
     return head(hparams, params, h), cache
