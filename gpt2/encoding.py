@@ -11,6 +11,7 @@ import secrets
 import tempfile
 import zipfile
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 import regex
@@ -24,8 +25,19 @@ BLOCK_BYTES = 1 << 20  # bytes read from a file at a time
 SPILL_BYTES = 2 << 20  # a chunk's tokens beyond this go to a temporary file, not memory
 TOKEN_DTYPE = np.dtype('<u2')  # GPT-2's 50257 ids fit in uint16
 ERRORS = ('strict', 'replace', 'ignore')
-TEXT = 'text'  # item kinds: ('text', str, nbytes, doc_end) and ('tokens', array, nbytes)
+TEXT = 'text'  # the kinds of Item
 TOKENS = 'tokens'
+
+
+class Item(NamedTuple):
+    """One unit of a corpus stream: a piece of text (`doc_end` after a document's last piece) or
+    the tokens of an .npz chunk (a chunk of its own). `nbytes`: the input bytes it stands for (for
+    progress). Encoded, a text item holds its tokens in `data` and its length in `chars`."""
+    kind: str
+    data: object
+    nbytes: int
+    doc_end: bool = True
+    chars: int = 0
 
 
 def expand_paths(paths):
@@ -219,24 +231,24 @@ def read_npz(path, *, n_vocab=encoder_lib.EOT_ID + 1):
 
 def corpus_items(paths, *, column=0, header=True, encoding='utf-8', errors='strict',
                  piece_chars=PIECE_CHARS):
-    """The inputs as a stream of items: ('text', piece, nbytes, doc_end) for text (a file, or a
-    csv row, is one document) and ('tokens', array, nbytes) for each chunk of an .npz."""
+    """The inputs as a stream of Items: text pieces (a file, or a csv row, is one document) and
+    the tokens of each chunk of an .npz."""
     kw = dict(encoding=encoding, errors=errors)
     for path in expand_paths(paths):
         low = path.lower()
         if low.endswith('.npz'):
             for arr, n in read_npz(path):
-                yield TOKENS, arr, n
+                yield Item(TOKENS, arr, n)
         elif low.endswith('.csv'):
             for text, n in read_csv(path, column=column, header=header, **kw):
-                yield TEXT, text, n, True
+                yield Item(TEXT, text, n)
         else:
             last = None
             for piece in read_pieces(path, piece_chars=piece_chars, **kw):
                 if last:
-                    yield TEXT, *last, False
+                    yield Item(TEXT, *last, doc_end=False)
                 last = piece
-            yield TEXT, *(last or ('', 0)), True
+            yield Item(TEXT, *(last or ('', 0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,73 +286,86 @@ class _Done:
 
 
 def _encoded(items, *, model_dir, enc, allowed, workers, piece_chars):
-    """`items` in order, each text replaced by its token array, encoded by `workers` processes:
-    this one and `workers - 1` forked from it.
-
-    Texts are grouped into tasks of at most about `piece_chars` characters. A task goes to the
-    pool while it has fewer than 2 tasks per worker waiting (so none idles), else it is encoded
-    here rather than waiting; results are yielded in order, and at most 2 tasks per process are
-    held, so reading never runs far ahead of encoding (bounded memory). The BPE of a new word
-    costs far more than pre-tokenising its text, so the processes pass the words each learns
-    to the others with the tasks and results (only through this process: workers > 2 still
-    repeat some of each other's work)."""
+    """`items` in order, each text Item with its tokens, encoded by `workers` processes: this one
+    and `workers - 1` forked from it (see _Tasks). At most 2 tasks per process are held, so
+    reading never runs far ahead of encoding (bounded memory)."""
     enc = enc or encoder_lib.get_encoder(model_dir)
     _init_worker(enc, allowed)
-    pool, queued, learned = None, 0, []  # learned: words to pass to the next worker task
-    if workers > 1:
-        # Compile the pattern first, so the forked workers inherit it with the vocabulary.
-        enc.encode_array('warm up')
-        pool = multiprocessing.get_context().Pool(workers - 1, _init_worker, (enc, allowed))
-        queued = 2 * (workers - 1)
+    tasks = _Tasks(enc, allowed, workers, piece_chars)
     try:
-        pending, task, size = deque(), [], 0  # pending: (items or None, result, in the pool)
-
-        def flush():
-            if not task:
-                return
-            texts = [it[1] for it in task]
-            if sum(not r.ready() for _, r, _ in pending) < queued:
-                pending.append((task[:], pool.apply_async(_encode_texts, (texts, learned[:])),
-                                True))
-                learned.clear()
-            else:
-                arrays, words = _encode_texts(texts)
-                learned.extend(words)
-                pending.append((task[:], _Done((arrays, ())), False))
-            task.clear()
-
-        def ready(limit):
-            while pending and (len(pending) > limit or pending[0][1].ready()):
-                group, result, pooled = pending.popleft()
-                if group is None:
-                    yield result.get()
-                    continue
-                arrays, words = result.get()
-                if pooled:
-                    enc.add_words(words)
-                for item, tokens in zip(group, arrays):
-                    yield (TEXT, tokens, *item[2:], len(item[1]))
-
         for item in items:
-            if item[0] == TEXT:
-                if task and size + len(item[1]) > piece_chars:
-                    flush()
-                    size = 0
-                task.append(item)
-                size += len(item[1])
-                if size >= piece_chars:
-                    flush()
-                    size = 0
-            else:
-                flush()
-                size = 0
-                pending.append((None, _Done(item), False))
-            yield from ready(2 * workers)
-        flush()
-        yield from ready(0)
+            tasks.add(item)
+            yield from tasks.finished(keep=2 * workers)
+        tasks.flush()
+        yield from tasks.finished(keep=0)
     finally:
-        if pool is not None:
-            pool.terminate()
+        tasks.close()
+
+
+class _Tasks:
+    """Text items grouped into tasks of at most about `piece_chars` characters, each encoded in
+    the pool while it has fewer than 2 tasks per worker waiting (so none idles), else here rather
+    than waiting; results come back in order. The BPE of a new word costs far more than
+    pre-tokenising its text, so the processes pass the words each learns to the others with the
+    tasks and results (only through this process: workers > 2 still repeat some of each other's
+    work)."""
+
+    def __init__(self, enc, allowed, workers, piece_chars):
+        self.enc, self.piece_chars = enc, piece_chars
+        self.pool, self.queued = None, 0
+        if workers > 1:
+            # Compile the pattern first, so the forked workers inherit it with the vocabulary.
+            enc.encode_array('warm up')
+            self.pool = multiprocessing.get_context().Pool(workers - 1, _init_worker,
+                                                           (enc, allowed))
+            self.queued = 2 * (workers - 1)
+        self.pending = deque()  # (a task's items, or None for an item passed through; result;
+        #                          whether it went to the pool)
+        self.task, self.size = [], 0
+        self.learned = []  # words to pass to the next pool task
+
+    def add(self, item):
+        if item.kind != TEXT:
+            self.flush()
+            self.pending.append((None, _Done(item), False))
+            return
+        if self.task and self.size + len(item.data) > self.piece_chars:
+            self.flush()
+        self.task.append(item)
+        self.size += len(item.data)
+        if self.size >= self.piece_chars:
+            self.flush()
+
+    def flush(self):
+        if not self.task:
+            return
+        texts = [it.data for it in self.task]
+        if sum(not r.ready() for _, r, _ in self.pending) < self.queued:
+            result = self.pool.apply_async(_encode_texts, (texts, self.learned[:]))
+            self.pending.append((self.task, result, True))
+            self.learned.clear()
+        else:
+            arrays, words = _encode_texts(texts)
+            self.learned.extend(words)
+            self.pending.append((self.task, _Done((arrays, ())), False))
+        self.task, self.size = [], 0
+
+    def finished(self, *, keep):
+        """Yield items in order while more than `keep` tasks wait or the first is done."""
+        while self.pending and (len(self.pending) > keep or self.pending[0][1].ready()):
+            group, result, pooled = self.pending.popleft()
+            if group is None:
+                yield result.get()
+                continue
+            arrays, words = result.get()
+            if pooled:
+                self.enc.add_words(words)
+            for item, tokens in zip(group, arrays):
+                yield item._replace(data=tokens, chars=len(item.data))
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
 
 
 def encode_items(items, *, model_dir=None, enc=None, combine=COMBINE, separator=True,
@@ -358,21 +383,21 @@ def encode_items(items, *, model_dir=None, enc=None, combine=COMBINE, separator=
     for item in _encoded(items, model_dir=model_dir, enc=enc, allowed=allowed, workers=workers,
                          piece_chars=piece_chars):
         if progress:
-            progress(item[2])
-        if item[0] == TOKENS:
+            progress(item.nbytes)
+        if item.kind == TOKENS:
             if docs:
                 yield eot[:0], True
                 chars = docs = 0
-            yield item[1], True
+            yield item.data, True
             continue
-        _, tokens, _, doc_end, nchars = item
+        tokens = item.data
         if len(tokens):
             if separator and docs and not in_doc:
                 yield eot, False
             yield tokens.astype(TOKEN_DTYPE, copy=False), False
             in_doc = True
-        chars += nchars
-        if doc_end:
+        chars += item.chars
+        if item.doc_end:
             docs += in_doc
             in_doc = False
             if docs and chars >= combine:

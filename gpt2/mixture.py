@@ -150,7 +150,7 @@ def _piece(parts, text_out, end=False):
     if text_out is not None:
         text_out.write(text)
     nbytes = len(text.encode('utf-8'))
-    return encoding.TEXT, text, nbytes, end
+    return encoding.Item(encoding.TEXT, text, nbytes, doc_end=end)
 
 
 def encode_mixture(sources, output, *, unit='line', min_chars=1, max_chars=None,
