@@ -10,12 +10,9 @@ expand_paths = encoding_lib.expand_paths  # files, folders (recursive), globs ->
 
 
 def load_npz(path):
-    """Chunks stored by encode.py (or nshepperd's encode.py): one 1-D token array per entry."""
-    try:
-        with np.load(path) as npz:
-            return [npz[k].astype(np.int32) for k in npz.files]
-    except (OSError, ValueError) as e:
-        raise UserError(f'{path} is not a readable .npz token file: {e}') from None
+    """Chunks stored by encode.py (or nshepperd's encode.py): one 1-D token array (int32) per
+    entry, checked as encoding.read_npz checks them."""
+    return [arr.astype(np.int32) for arr, _ in encoding_lib.read_npz(path)]
 
 
 def load_chunks(paths, enc=None, *, combine=encoding_lib.COMBINE, separator=True,
