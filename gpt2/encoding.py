@@ -17,6 +17,7 @@ import numpy as np
 import regex
 
 import encoder as encoder_lib
+from gpt2 import errors as errors_lib
 from gpt2.errors import UserError
 
 COMBINE = 50000  # characters per chunk before it is closed (nshepperd's default)
@@ -99,8 +100,7 @@ def _codec(encoding):
 
 
 def _check_errors(errors):
-    if errors not in ERRORS:
-        raise UserError(f'--errors={errors!r}: expected one of {", ".join(ERRORS)}')
+    errors_lib.check_choice('errors', errors, ERRORS)
 
 
 def read_blocks(path, *, encoding='utf-8', errors='strict', block=BLOCK_BYTES):
@@ -505,8 +505,7 @@ def check_workers(workers):
             return len(os.sched_getaffinity(0))
         except AttributeError:
             return os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UserError(f'--workers={workers!r}: expected a whole number from 1')
+    errors_lib.check_whole('workers', workers, at_least=1)
     return workers
 
 

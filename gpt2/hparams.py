@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 
+from gpt2 import errors
 from gpt2 import paths
 from gpt2.errors import UserError
 
@@ -53,7 +54,7 @@ def from_dict(d, *, source='hparams'):
         problems.append(f'unknown {", ".join(unknown)} (expected {", ".join(KEYS)})')
     for k in KEYS:
         v = d.get(k)
-        if k in d and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        if k in d and not errors.is_whole(v, 1):
             problems.append(f'{k} must be a positive integer, got {v!r}')
     if not problems and d['n_embd'] % d['n_head']:
         problems.append(f'n_embd ({d["n_embd"]}) must be divisible by n_head ({d["n_head"]})')

@@ -5,6 +5,7 @@ import os
 import regex
 
 from gpt2 import encoding
+from gpt2 import errors
 from gpt2.errors import UserError
 
 UNITS = ('line', 'sentence', 'paragraph')
@@ -102,13 +103,10 @@ def interleave(streams, *, until='longest'):
 def check_options(sources, unit, min_chars, max_chars, until):
     if len(sources) < 1:
         raise UserError('mix needs at least one source (usually two or more) before OUTPUT.npz')
-    if unit not in UNITS:
-        raise UserError(f'--unit={unit!r}: expected one of {", ".join(UNITS)}')
-    if until not in UNTIL:
-        raise UserError(f'--until={until!r}: expected one of {", ".join(UNTIL)}')
-    if not isinstance(min_chars, int) or min_chars < 0:
-        raise UserError(f'--min_chars={min_chars!r}: expected a whole number from 0')
-    if max_chars is not None and (not isinstance(max_chars, int) or max_chars < max(min_chars, 1)):
+    errors.check_choice('unit', unit, UNITS)
+    errors.check_choice('until', until, UNTIL)
+    errors.check_whole('min_chars', min_chars)
+    if max_chars is not None and not errors.is_whole(max_chars, max(min_chars, 1)):
         raise UserError(f'--max_chars={max_chars!r}: expected a whole number >= --min_chars '
                         f'({min_chars}) and >= 1')
 

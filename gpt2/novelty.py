@@ -18,6 +18,7 @@ import numpy as np
 
 import encoder as encoder_lib
 from gpt2 import dataset
+from gpt2 import errors
 from gpt2 import paths as paths_lib
 from gpt2.errors import UserError
 
@@ -73,9 +74,8 @@ def _contains(sorted_set, values):
 
 
 def _check_ngram(ngram):
-    if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
-        raise UserError(f'--ngram must be a whole number of tokens >= 1, got {ngram!r} '
-                        f'(the default, {DEFAULT_NGRAM}, is about six words)')
+    errors.check_whole('ngram', ngram, at_least=1,
+                       note=f'tokens; the default, {DEFAULT_NGRAM}, is about six words')
     return ngram
 
 
@@ -88,9 +88,8 @@ def split_paths(paths):
 
 
 def _check_mode(mode):
-    if mode not in MODES:
-        raise UserError(f'unknown --mode {mode!r}; expected one of {", ".join(MODES)} '
-                        f'(drop removes copied lines, mark prefixes them with {MARKER!r})')
+    errors.check_choice('mode', mode, MODES,
+                        note=f'drop removes copied lines, mark prefixes them with {MARKER!r}')
     return mode
 
 

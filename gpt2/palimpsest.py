@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2 import checkpoint, fast, paths, sampling
+from gpt2 import errors
 from gpt2.errors import UserError
 
 DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
@@ -85,8 +86,7 @@ def parse_blend(value):
 
 
 def _check_every(every):
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise UserError(f'--every must be a whole number of tokens >= 1, got {every!r}')
+    errors.check_whole('every', every, at_least=1, note='tokens')
 
 
 # ---- naming and loading checkpoints ----

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import errors
 from gpt2 import fast
 from gpt2 import model
 from gpt2.errors import UserError
@@ -283,21 +284,18 @@ def check_controls(*, length, temperature, top_k, top_p, repetition_penalty, nsa
                    batch_size=1):
     """Raise UserError for values no sampler can use."""
     problems = []
-    if not isinstance(length, int) or length < 0:
-        problems.append(f'--length must be a whole number >= 0, got {length!r}')
+    problems.append(errors.not_whole('length', length))
     if not isinstance(temperature, (int, float)) or temperature < 0:
         problems.append(f'--temperature must be >= 0 (0 = greedy), got {temperature!r}')
-    if not isinstance(top_k, int) or top_k < 0:
-        problems.append(f'--top_k must be a whole number >= 0 (0 = off), got {top_k!r}')
+    problems.append(errors.not_whole('top_k', top_k, note='0 = off'))
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         problems.append(f'--top_p must be in (0, 1] (1 = off), got {top_p!r}')
     if not isinstance(repetition_penalty, (int, float)) or repetition_penalty <= 0:
         problems.append(f'--repetition_penalty must be > 0 (1 = off; CTRL used 1.2), '
                         f'got {repetition_penalty!r}')
-    if not isinstance(nsamples, int) or nsamples < 1:
-        problems.append(f'--nsamples must be a whole number >= 1, got {nsamples!r}')
-    if not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f'--batch_size must be a whole number >= 1, got {batch_size!r}')
+    problems.append(errors.not_whole('nsamples', nsamples, at_least=1))
+    problems.append(errors.not_whole('batch_size', batch_size, at_least=1))
+    problems = [p for p in problems if p]
     if problems:
         raise UserError('; '.join(problems))
 
