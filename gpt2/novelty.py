@@ -32,6 +32,12 @@ DEFAULT_NGRAM = 8  # tokens; about six words (see README.md, novelty filter for 
 _FLUSH = 1 << 20  # corpus tokens hashed at a time, so a huge file never lives as a Python list
 
 
+def format_samples(texts):
+    """The samples file that sample.py, train.py and palimpsests write (and this filter reads):
+    each text after a SAMPLE_HEADER line with its number from 1."""
+    return ''.join(f'{SAMPLE_HEADER.format(i + 1)}\n{t}\n' for i, t in enumerate(texts))
+
+
 def normalise(line):
     """Whitespace runs -> one space, ends stripped, casefolded: 'A  b\\t' -> 'a b'."""
     return ' '.join(line.split()).casefold()
@@ -262,9 +268,9 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
         ngram: length in tokens of a shared run that makes a line copied (about 0.75 words a token).
         output: where to write the filtered samples (written atomically); default stdout.
         delimiter: lines starting with this separate samples; never checked, always kept.
-    Returns:
-        The report as a dict: ngram, lines, copied_lines, line_share, ngrams, copied_ngrams,
-        ngram_share (shares are None when nothing was counted).
+
+    It returns the report as a dict: ngram, lines, copied_lines, line_share, ngrams,
+    copied_ngrams, ngram_share (shares are None when nothing was counted).
     """
     _check_ngram(ngram), _check_mode(mode)  # before the index build, which takes a while
     if output is not None and not isinstance(output, (str, os.PathLike)):

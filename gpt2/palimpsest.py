@@ -9,11 +9,12 @@ import hashlib
 import json
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import checkpoint, fast, paths, sampling
+from gpt2 import checkpoint, fast, novelty, paths, sampling
 from gpt2 import errors
 from gpt2.errors import UserError
 
@@ -116,6 +117,50 @@ def all_steps(run_dir):
     if not found:
         raise UserError(f'{run_dir} holds no checkpoints to walk through')
     return found
+
+
+class Plan(NamedTuple):
+    """What the flags ask for: `spans` [(first new-token index, prefix)] or `blend`
+    [(prefix, weight)], the `prefixes` they name, a `description` for file names, and a `note`
+    for the user ('' when none)."""
+    spans: list
+    blend: list
+    prefixes: list
+    description: str
+    note: str = ''
+
+
+def plan_from_flags(*, schedule=None, cycle=None, steps=None, every=None, blend=None,
+                    run_dir=None, length):
+    """The Plan that exactly one of --schedule, --cycle (with --every), --steps (with --every) or
+    --blend gives; checkpoints named by step within `run_dir` or by path."""
+    if sum(x is not None for x in (schedule, cycle, steps, blend)) != 1:
+        raise UserError('give exactly one of --schedule, --cycle, --steps or --blend')
+    name = lambda n: resolve_name(n, run_dir)  # noqa: E731
+    if blend is not None:
+        weighted = [(name(n), w) for n, w in parse_blend(blend)]
+        return Plan(None, weighted, [p for p, _ in weighted], f'blend-{blend}')
+    if schedule is not None:
+        spans = [(pos, name(n)) for pos, n in parse_schedule(schedule)]
+        return Plan(spans, None, [p for _, p in spans], str(schedule))
+    flag = '--cycle' if cycle is not None else '--steps'
+    if every is None:
+        raise UserError(f'{flag} needs --every N (tokens per checkpoint)')
+    if cycle is not None:
+        spans = cycle_plan([name(n) for n in split_items(cycle, flag)], every, length)
+        return Plan(spans, None, [p for _, p in spans], f'cycle-{cycle}-every{every}')
+    if str(steps) == 'all':
+        if run_dir is None:
+            raise UserError('--steps all needs --run_name (the run to walk through)')
+        names = all_steps(run_dir)
+    else:
+        names = [name(n) for n in split_items(steps, flag)]
+    note = ''
+    if len(names) * every > length + every:
+        note = (f'{len(names)} checkpoints x {every} tokens is more than --length {length}; '
+                'the later ones are not reached')
+    spans = walk_plan(names, every)
+    return Plan(spans, None, [p for _, p in spans], f'steps-{steps}-every{every}', note)
 
 
 def check_same_hparams(prefixes):
@@ -224,8 +269,10 @@ def output_name(kind, description, *, seed, temperature):
     return f'{kind}-{slug}-seed{seed}-t{temperature:g}'
 
 
-write_atomic = paths.write_text
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + '\n')
+def write(path, texts, meta):
+    """The samples file at `path` and its JSON record beside it (`meta`), both atomically;
+    returns the JSON's path."""
+    paths.write_text(path, novelty.format_samples(texts))
+    json_path = os.path.splitext(path)[0] + '.json'
+    paths.write_text(json_path, json.dumps(meta, indent=2, ensure_ascii=False) + '\n')
+    return json_path

@@ -22,10 +22,10 @@ from gpt2 import dataset as dataset_lib
 from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
+from gpt2 import novelty
 from gpt2 import sampling
 from gpt2.errors import UserError
 from gpt2 import paths
-from gpt2.novelty import SAMPLE_HEADER
 
 # Defaults shared by train.py and the library (train.py imports these, never retypes them).
 CHECKPOINT_DIR = paths.CHECKPOINT_DIR
@@ -687,7 +687,6 @@ def _samples(hparams, state, enc, path, *, num, length, seed):
     """Unconditional samples from the current weights to samples/RUN/samples-STEP (and the log)."""
     out = sampling.generate(hparams, state.params, nsamples=num, batch_size=num, length=length,
                             seed=seed)
-    text = ''.join(f'{SAMPLE_HEADER.format(i + 1)}\n{enc.decode(t)}\n'
-                   for i, t in enumerate(out))
+    text = novelty.format_samples([enc.decode(t) for t in out])
     paths.write_text(path, text)
     tqdm.tqdm.write(text)

@@ -450,7 +450,7 @@ def test_cli_stop_json_list_stops_at_whichever_comes_first(models, capsys, monke
     either, without it; --stop '\\n\\n' alone at the first '\\n\\n'. Expected texts are the same
     seeded samples run without --stop, cut by str.find.
 
-    Caught (sample.py's _stops): the list taken as one string (never found: nothing stops);
+    Caught (gpt2.prompts.stops): the list taken as one string (never found: nothing stops);
     only its first entry used."""
     argv = ['--length', '30', '--seed', '5', '--nsamples', '8', '--batch_size', '8']
     free = samples_of(_sample(models, 'prone', argv, capsys, monkeypatch)[0])
@@ -477,7 +477,7 @@ def test_cli_prompt_file_blocks_or_lines(models, tmp_path, capsys, monkeypatch):
     (a line of spaces counts), else one per line; each sample is what --prompt gives for its
     prompt alone (greedy, --include_prompt).
 
-    Caught (sample.py's _read_prompts): always one prompt per line; always blocks (a file
+    Caught (gpt2.prompts.read): always one prompt per line; always blocks (a file
     without blank lines would be one prompt); a line of spaces not taken as blank (the bug
     this test found)."""
     argv = ['--length', '4', '--temperature', '0', '--include_prompt']
