@@ -3,21 +3,10 @@ from gpt2 import cli
 
 cli.quiet_tensorflow()
 
-from gpt2 import training as T  # noqa: E402
+from gpt2 import settings, training  # noqa: E402
 
 
-def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_scratch=False,
-          hparams=None, run_name=T.RUN_NAME, checkpoint_dir=T.CHECKPOINT_DIR,
-          sample_dir=T.SAMPLE_DIR, restore_from=T.RESTORE_FROM, steps=None,
-          batch_size=T.BATCH_SIZE, seq_len=None, learning_rate=T.LEARNING_RATE,
-          lr_schedule=T.LR_SCHEDULE,
-          warmup_steps=0, optimizer=T.OPTIMIZER, weight_decay=None, max_grad_norm=None,
-          accumulate_gradients=1, memory_saving_gradients=False,
-          only_train_transformer_layers=False, noise=0.0, sample_every=T.SAMPLE_EVERY,
-          sample_length=T.SAMPLE_LENGTH, sample_num=T.SAMPLE_NUM, save_every=T.SAVE_EVERY,
-          max_checkpoints=None, val_dataset=None, val_every=0, val_batch_size=T.VAL_BATCH_SIZE,
-          val_batch_count=T.VAL_BATCH_COUNT, seed=0, curriculum=None, combine=T.COMBINE,
-          jit_compile=T.JIT_COMPILE, keep_optimizer_state=T.KEEP_OPTIMIZER_STATE, progress=True):
+def train(dataset=None, **flags):
     """Train on --dataset and save checkpoint/RUN/model-STEP.* every --save_every steps.
 
     Data:
@@ -64,21 +53,12 @@ def train(dataset=None, model_name=T.MODEL_NAME, models_dir=T.MODELS_DIR, from_s
       --progress / --noprogress the tqdm bar
     TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second) go to the run folder.
     """
-    T.train(dataset, model_name=model_name, models_dir=models_dir, from_scratch=from_scratch,
-            hparams=hparams, run_name=run_name, checkpoint_dir=checkpoint_dir,
-            sample_dir=sample_dir, restore_from=restore_from, steps=steps,
-            batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
-            lr_schedule=lr_schedule, warmup_steps=warmup_steps, optimizer=optimizer,
-            weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            accumulate_gradients=accumulate_gradients,
-            memory_saving_gradients=memory_saving_gradients,
-            only_train_transformer_layers=only_train_transformer_layers, noise=noise,
-            sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
-            save_every=save_every, max_checkpoints=max_checkpoints, val_dataset=val_dataset,
-            val_every=val_every, val_batch_size=val_batch_size,
-            val_batch_count=val_batch_count, seed=seed, curriculum=curriculum,
-            combine=combine, jit_compile=jit_compile, keep_optimizer_state=keep_optimizer_state,
-            progress=progress)
+    training.run(settings.TrainSettings.from_flags(dataset=dataset, **flags))
+
+
+# The flags, their defaults and their checks are TrainSettings' fields, written once there; fire
+# reads this signature for parsing and --help.
+train.__signature__ = settings.TrainSettings.signature()
 
 
 if __name__ == '__main__':

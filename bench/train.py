@@ -24,8 +24,8 @@ def _peak_rss_gib():
 
 def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None):
     import numpy as np
-    from gpt2 import hparams as hparams_lib, model, training
-    jit_compile = training.JIT_COMPILE if jit_compile is None else jit_compile
+    from gpt2 import hparams as hparams_lib, model, settings, training
+    jit_compile = settings.TrainSettings.jit_compile if jit_compile is None else jit_compile
     hp = hparams_lib.PRESETS['124M']
     state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
     step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,

@@ -77,3 +77,53 @@ def validation_batches(chunks, length, batch_size, count, seed=1):
     run scores the same windows."""
     sampler = Sampler(chunks, length, seed=seed)
     return [sampler.batch(batch_size) for _ in range(count)]
+
+
+def parse_curriculum(spec):
+    """'a.npz:1000,b.npz:1000' -> [('a.npz', 1000), ('b.npz', 1000)] (steps on each, in order);
+    'a.txt,b.txt' -> [('a.txt', None), ('b.txt', None)] (swap to the next at every save)."""
+    items = [s.strip() for s in str(spec).split(',') if s.strip()]
+    out = []
+    for item in items:
+        path, _, count = item.rpartition(':')
+        if path and count.isdigit() and int(count) > 0:
+            out.append((path, int(count)))
+        elif path and count.strip().lstrip('-').isdigit():
+            raise UserError(f'--curriculum entry {item!r}: the step count must be positive')
+        else:
+            out.append((item, None))
+    if not out:
+        raise UserError(f'--curriculum {spec!r} names no dataset: expected "a.npz:1000,b.npz:1000" '
+                        'or "a.txt,b.txt" (swap at every save)')
+    if len({n is None for _, n in out}) > 1:
+        raise UserError(f'--curriculum {spec!r} mixes entries with and without step counts: give '
+                        'every entry a count ("a:1000,b:500") or none (swap at every save)')
+    return out
+
+
+class Curriculum:
+    """Which dataset step s (0-based) trains on: by step counts (each dataset for its count of
+    steps, the last one after that), or, without counts, the next dataset (cycling) after every
+    save. A function of the step alone, so a resumed run is on the same dataset."""
+
+    def __init__(self, counts, save_every):
+        self.counts = counts
+        self.save_every = save_every
+        if counts[0] is None and len(counts) > 1 and not save_every:
+            raise UserError('a --curriculum that swaps at every save needs --save_every > 0')
+
+    def index(self, step):
+        if len(self.counts) == 1:
+            return 0
+        if self.counts[0] is None:
+            return (step // self.save_every) % len(self.counts)
+        end = 0
+        for i, n in enumerate(self.counts):
+            end += n
+            if step < end:
+                return i
+        return len(self.counts) - 1
+
+    def total(self):
+        """Steps until the last counted dataset ends (None when swapping at saves)."""
+        return None if self.counts[0] is None else sum(self.counts)

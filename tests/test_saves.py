@@ -13,6 +13,8 @@ import pytest
 from gpt2 import checkpoint
 from gpt2 import model
 from gpt2 import paths
+from gpt2 import runs
+from gpt2 import settings
 from gpt2 import training
 from gpt2.errors import UserError
 from tests.conftest import ROOT
@@ -56,7 +58,7 @@ def _hparams_file(tmp_path, tiny):
 
 
 def _sidecar(prefix):
-    meta, slots = training.load_training_state(prefix)
+    meta, slots = runs.load_state(prefix)
     return meta, {k for k in slots if k.startswith('slot/')}
 
 
@@ -75,8 +77,8 @@ def _sidecar(prefix):
     ('max_grad_norm', float('nan'), 'a finite number > 0'),
     ('noise', float('nan'), 'a probability in [0, 1), got nan'),
     ('noise', 'some', "a probability in [0, 1), got 'some'"),
-    ('steps', 'ten', "an integer >= 0, got 'ten'"),
-    ('seed', -1, 'an integer >= 0, got -1'),
+    ('steps', 'ten', "a whole number >= 0, got 'ten'"),
+    ('seed', -1, 'a whole number >= 0, got -1'),
 ])
 def test_bad_float_flags_are_refused_before_anything_is_written(tmp_path, tiny, data, flag, value,
                                                                 want):
@@ -105,7 +107,7 @@ def saved(tmp_path, tiny):
     """A tiny checkpoint in its own folder, with hparams.json and the vocabulary beside it."""
     prefix = checkpoint.save_params(model.init_params(tiny, seed=1),
                                     str(tmp_path / 'good' / 'model-5'), hparams=tiny)
-    training._copy_vocab(training._ENCODER_DIR, str(tmp_path / 'good'))
+    runs.copy_vocab(runs.ENCODER_DIR, str(tmp_path / 'good'))
     return prefix
 
 
@@ -216,16 +218,16 @@ def test_a_save_is_on_the_disk_before_the_state_file_names_it(tmp_path, tiny, sy
     run = tmp_path / 'run'
     state = training.TrainState(tiny, model.init_params(tiny), 'adam')
     prefix = str(run / 'model-3')
-    training.save_training_state(state, prefix, {'step': 3})
+    runs.save(state, prefix, {'step': 3})
     state_file = os.path.realpath(run / checkpoint.STATE_FILE)
     named = [i for i, e in enumerate(synced) if e[0] == 'replace' and e[2] == state_file]
     assert len(named) == 1, synced
     for final in (prefix + checkpoint.DATA_SUFFIX, prefix + '.index',
-                  prefix + training.SIDECAR_SUFFIX, str(run / 'hparams.json')):
+                  prefix + runs.SIDECAR_SUFFIX, str(run / 'hparams.json')):
         assert _durable_before(synced, final, named[0]), (final, synced)
     # The state file itself: fsynced before its rename, its folder after.
     assert _durable_before(synced, state_file, len(synced)), synced
-    assert training.load_training_state(prefix)[0] == {'step': 3}
+    assert runs.load_state(prefix)[0] == {'step': 3}
     # checkpoint.save_params alone (no sidecar whose folder fsync would cover the renames).
     del synced[:]
     prefix = checkpoint.save_params(model.init_params(tiny), str(run / 'model-4'))
@@ -241,8 +243,8 @@ def test_write_file_is_atomic_and_durable(tmp_path, synced):
     paths.write_file(str(path), 'héllo')
     assert path.read_text(encoding='utf-8') == 'héllo'
     assert _durable_before(synced, str(path), len(synced)), synced
-    training._copy_vocab(training._ENCODER_DIR, str(tmp_path / 'run'))
-    for name in training.VOCAB_FILES:
+    runs.copy_vocab(runs.ENCODER_DIR, str(tmp_path / 'run'))
+    for name in runs.VOCAB_FILES:
         assert _durable_before(synced, str(tmp_path / 'run' / name), len(synced)), name
 
     def half_then_fail(f):
@@ -266,12 +268,12 @@ def test_only_the_newest_checkpoint_keeps_the_optimizer_slots(tmp_path, tiny, da
     newest_meta, newest_slots = _sidecar(prefixes[-1])
     want = {f'slot/{s}/{k}' for k in checkpoint.shapes(tiny) for s in ('m', 'v')}
     assert newest_slots == want and not newest_meta.get('slots_dropped')
-    size = os.path.getsize(prefixes[-1] + training.SIDECAR_SUFFIX)
+    size = os.path.getsize(prefixes[-1] + runs.SIDECAR_SUFFIX)
     for p, step in zip(prefixes[:-1], (2, 4)):
         meta, slots = _sidecar(p)
         assert slots == set() and meta['slots_dropped'] is True
         assert meta['step'] == step and meta['samplers'] and meta['datasets'] == [data]
-        assert os.path.getsize(p + training.SIDECAR_SUFFIX) < min(size / 10, 10_000)
+        assert os.path.getsize(p + runs.SIDECAR_SUFFIX) < min(size / 10, 10_000)
         checkpoint.load_params(p)  # the weights are untouched
 
 
@@ -290,7 +292,7 @@ def test_resuming_from_an_older_checkpoint_restarts_only_the_optimizer(
                     'the step and data position resume'], out
     assert again['step'] == 6 and len(again['losses']) == 2
     # The same windows were drawn as in the first run's steps 5 and 6: the samplers resumed.
-    meta_a, _ = training.load_training_state(first['prefix'])
+    meta_a, _ = runs.load_state(first['prefix'])
     meta_b, slots_b = _sidecar(again['prefix'])
     assert meta_b['step'] == 6 and meta_b['samplers'] == meta_a['samplers']
     assert slots_b  # and its new checkpoint holds the fresh optimizer's slots
@@ -305,8 +307,8 @@ def test_keep_optimizer_state_all_keeps_every_checkpoints_slots(tmp_path, tiny, 
     for p in checkpoint.list_checkpoints(run):
         meta, slots = _sidecar(p)
         assert slots == want and 'slots_dropped' not in meta, p
-    with pytest.raises(UserError, match=r"--keep_optimizer_state must be latest .* or all .*, "
-                                        r"got 'newest'"):
+    with pytest.raises(UserError, match=r"unknown --keep_optimizer_state 'newest': expected one "
+                                        r"of latest, all"):
         _train(tmp_path, tiny, data, steps=8, keep_optimizer_state='newest', run_name='x')
 
 
@@ -319,7 +321,7 @@ def test_a_crash_while_dropping_slots_leaves_every_checkpoint_loadable(tmp_path,
     """Catches: the slots dropped in place (a crash half-way leaves an unreadable sidecar) or
     before the new checkpoint is named in the state file."""
     real_savez = np.savez
-    run = os.path.join(tmp_path, 'ckpt', training.RUN_NAME)
+    run = os.path.join(tmp_path, 'ckpt', settings.TrainSettings.run_name)
 
     def savez(f, **arrays):
         if not any(k.startswith('slot/') for k in arrays):  # the rewrite without slots
@@ -330,7 +332,7 @@ def test_a_crash_while_dropping_slots_leaves_every_checkpoint_loadable(tmp_path,
             raise _Crash
         return real_savez(f, **arrays)
 
-    monkeypatch.setattr(training.np, 'savez', savez)
+    monkeypatch.setattr(runs.np, 'savez', savez)
     with pytest.raises(_Crash):
         _train(tmp_path, tiny, data, steps=6, save_every=2)
     monkeypatch.undo()

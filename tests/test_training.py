@@ -16,6 +16,10 @@ from gpt2 import checkpoint
 from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
+from gpt2 import runs
+from gpt2 import settings
+from gpt2 import optim
+from gpt2 import dataset
 from gpt2 import training
 from gpt2.errors import UserError
 from tests.conftest import OPENAI_117M, ROOT, require_shared
@@ -96,14 +100,14 @@ def test_checkpoints_appear_at_the_save_steps_and_load(tmp_path, tiny, data):
     run = out['run_dir']
     # Saves at 3 and 6, and at the end (7); each with its training-state sidecar.
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [3, 6, 7]
-    assert all(os.path.isfile(p + training.SIDECAR_SUFFIX)
+    assert all(os.path.isfile(p + runs.SIDECAR_SUFFIX)
                for p in checkpoint.list_checkpoints(run))
     assert tf.train.latest_checkpoint(run) == os.path.join(run, 'model-7')
     # Self-contained: sample.py needs only the run folder.
     assert {'hparams.json', 'encoder.json', 'vocab.bpe'} <= set(os.listdir(run))
     params, hp, prefix = checkpoint.load_params(run)
     assert hp == tiny and prefix.endswith('model-7')
-    meta, _ = training.load_training_state(prefix)
+    meta, _ = runs.load_state(prefix)
     assert meta['step'] == 7
     # Samples at the sample steps; TensorBoard scalars in the run folder.
     assert sorted(os.listdir(tmp_path / 'samples' / 'r')) == ['samples-3', 'samples-6']
@@ -159,7 +163,7 @@ def test_resume_is_bit_for_bit(tmp_path, tiny, data):
     pa, pb = _leaves(checkpoint.load_params(a['prefix'])[0]), _leaves(
         checkpoint.load_params(b2['prefix'])[0])
     assert all(np.array_equal(pa[k], pb[k]) for k in pa)
-    (ma, sa), (mb, sb) = (training.load_training_state(x['prefix']) for x in (a, b2))
+    (ma, sa), (mb, sb) = (runs.load_state(x['prefix']) for x in (a, b2))
     assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
     assert ma['samplers'] == mb['samplers'] and ma['step'] == mb['step'] == 20
 
@@ -489,7 +493,7 @@ def test_transformer_only_leaves_the_embeddings_and_ln_f(tmp_path, tiny, data):
     frozen = ['model/wte', 'model/wpe', 'model/ln_f/g', 'model/ln_f/b']
     assert all(np.array_equal(after[k], before[k]) for k in frozen)
     assert not np.array_equal(after['model/h0/attn/c_attn/w'], before['model/h0/attn/c_attn/w'])
-    _, slots = training.load_training_state(out['prefix'])
+    _, slots = runs.load_state(out['prefix'])
     assert not [k for k in slots if k.endswith(tuple(frozen))]
 
 
@@ -528,23 +532,23 @@ def test_curriculum_swaps_at_every_save(tmp_path, tiny, monkeypatch):
 
 
 def test_curriculum_parsing():
-    assert training.parse_curriculum('a.npz:1000, b.npz:500') == [('a.npz', 1000),
+    assert dataset.parse_curriculum('a.npz:1000, b.npz:500') == [('a.npz', 1000),
                                                                   ('b.npz', 500)]
-    assert training.parse_curriculum('a.txt,c:/x.txt') == [('a.txt', None), ('c:/x.txt', None)]
+    assert dataset.parse_curriculum('a.txt,c:/x.txt') == [('a.txt', None), ('c:/x.txt', None)]
     with pytest.raises(UserError, match='mixes'):
-        training.parse_curriculum('a:10,b')
+        dataset.parse_curriculum('a:10,b')
     with pytest.raises(UserError, match='positive'):
-        training.parse_curriculum('a:0')
+        dataset.parse_curriculum('a:0')
 
 
 def test_learning_rate_schedules():
-    lr = lambda s, sched: training.scheduled_lr(s, base=1.0, schedule=sched,  # noqa: E731
+    lr = lambda s, sched: optim.scheduled_lr(s, base=1.0, schedule=sched,  # noqa: E731
                                                  warmup=10, total=110)
     assert [lr(s, 'constant') for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
     assert lr(60, 'linear') == pytest.approx(0.5) and lr(110, 'linear') == 0
     assert lr(60, 'cosine') == pytest.approx(0.5) and lr(110, 'cosine') == pytest.approx(0)
     with pytest.raises(UserError, match='give --steps'):
-        training.scheduled_lr(20, base=1.0, schedule='cosine', total=None)
+        optim.scheduled_lr(20, base=1.0, schedule='cosine', total=None)
 
 
 @pytest.mark.parametrize('name, torch_name', [('adamw', 'AdamW'), ('adam', 'Adam')])
@@ -553,7 +557,7 @@ def test_adam_rules_equal_pytorchs(name, torch_name):
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal([3, 4]).astype(np.float32)
     grads = [rng.standard_normal([3, 4]).astype(np.float32) for _ in range(4)]
-    rule, wd = training.get_optimizer(name), 0.1
+    rule, wd = optim.get_optimizer(name), 0.1
     p, s = tf.constant(p0), {k: tf.constant(v) for k, v in rule.init(p0.shape).items()}
     tp = torch.nn.Parameter(torch.tensor(p0))
     opt = getattr(torch.optim, torch_name)([tp], lr=0.01, weight_decay=wd)
@@ -627,7 +631,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny, dat
     with pytest.raises(UserError, match=r'loss became (nan|inf).*last good checkpoint .*model-1'):
         _train(tmp_path, tiny, data, steps=10, save_every=1, optimizer='sgd',
                learning_rate=1e30)
-    run = str(tmp_path / 'ckpt' / training.RUN_NAME)
+    run = str(tmp_path / 'ckpt' / settings.TrainSettings.run_name)
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [1]
 
 
@@ -637,7 +641,7 @@ def test_bad_input_is_a_user_error(tmp_path, tiny, data):
         _train(tmp_path, tiny, short)
     with pytest.raises(UserError, match=r'not downloaded.*download_model.py 124M'):
         training.train(data, models_dir=str(tmp_path / 'models'), progress=False)
-    with pytest.raises(UserError, match='unknown optimizer .adamx.'):
+    with pytest.raises(UserError, match='unknown --optimizer .adamx.'):
         _train(tmp_path, tiny, data, optimizer='adamx')
     (tmp_path / 'file').write_text('')
     with pytest.raises(UserError, match='cannot write to the checkpoint folder'):
@@ -660,7 +664,7 @@ def test_script_errors_are_one_line(tmp_path, tiny, data):
     out = subprocess.run(_script(tmp_path, tiny, data, '--optimizer', 'adamx'),
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith('train.py: error: unknown optimizer')
+    assert out.stderr.strip().splitlines()[-1].startswith('train.py: error: unknown --optimizer')
     assert 'Traceback' not in out.stderr
 
 
@@ -710,9 +714,9 @@ def test_a_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, tiny, data, 
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
-    params, hp, prefix = checkpoint.load_params(str(tmp_path / 'ckpt' / training.RUN_NAME))
+    params, hp, prefix = checkpoint.load_params(str(tmp_path / 'ckpt' / settings.TrainSettings.run_name))
     assert hp == tiny and checkpoint.step_of(prefix) >= 3
-    meta, _ = training.load_training_state(prefix)
+    meta, _ = runs.load_state(prefix)
     assert meta['step'] == checkpoint.step_of(prefix)
 
 
@@ -759,7 +763,7 @@ def test_openais_graph_restores_a_checkpoint_saved_by_train_py(tmp_path, data):
            '--sample_every', '0', '--noprogress']
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    prefix = str(tmp_path / 'ckpt' / training.RUN_NAME / 'model-1')
+    prefix = str(tmp_path / 'ckpt' / settings.TrainSettings.run_name / 'model-1')
     ours = tf.train.load_checkpoint(prefix)
     with tf.Graph().as_default():
         saver = tf.compat.v1.train.import_meta_graph(os.path.join(OPENAI_117M, 'model.ckpt.meta'))

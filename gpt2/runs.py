@@ -1,0 +1,212 @@
+"""A training run's folder: where its weights start from, its checkpoints with the training state
+beside them (sidecars), and resuming from one exactly."""
+import json
+import os
+import shutil
+import uuid
+import zipfile
+
+import numpy as np
+import tqdm
+
+import encoder as encoder_lib
+from gpt2 import checkpoint
+from gpt2 import hparams as hparams_lib
+from gpt2 import model
+from gpt2 import paths
+from gpt2.errors import UserError
+from gpt2.settings import ALL, LATEST  # noqa: F401 (the values of --keep_optimizer_state)
+
+SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
+VOCAB_FILES = ('encoder.json', 'vocab.bpe')
+ENCODER_DIR = os.path.dirname(os.path.abspath(encoder_lib.__file__))
+
+
+def folder(s):
+    """The run folder of settings `s`: CHECKPOINT_DIR/RUN."""
+    return os.path.join(s.checkpoint_dir, s.run_name)
+
+
+def start(s):
+    """Where settings `s` take the weights from -> (hparams, numpy params, prefix or None,
+    vocab folder)."""
+    model_name, models_dir, hparams = s.model_name, s.models_dir, s.hparams
+    run_dir, restore_from = folder(s), s.restore_from
+    prefix = None
+    if restore_from == 'latest':
+        if os.path.isdir(run_dir) and checkpoint.list_checkpoints(run_dir):
+            prefix = checkpoint.resolve(run_dir)
+    elif restore_from != 'fresh':
+        prefix = checkpoint.resolve(restore_from)
+    model_dir = None if s.from_scratch else paths.model_dir(model_name, models_dir)
+    if prefix is None and model_dir and not os.path.isfile(os.path.join(model_dir,
+                                                                        hparams_lib.FILENAME)):
+        raise UserError(f'model {model_name!r} is not downloaded (no {model_dir}): get it with '
+                        f'`python download_model.py {model_name}`, or train with --from_scratch')
+    if hparams is not None:
+        hp = hparams_lib.get(hparams)
+    elif prefix is not None and checkpoint.find_hparams(prefix):
+        hp = checkpoint.find_hparams(prefix)
+    elif model_dir:
+        hp = hparams_lib.load(model_dir)
+    else:
+        raise UserError('--from_scratch needs --hparams: a preset '
+                        f'({", ".join(hparams_lib.PRESETS)}) or an hparams.json')
+    known = os.path.join(run_dir, hparams_lib.FILENAME)
+    if os.path.isfile(known) and restore_from != 'fresh' and hparams_lib.load(known) != hp:
+        raise UserError(f'run folder {run_dir} holds a model with hparams '
+                        f'{hparams_lib.load(known).to_dict()}, not {hp.to_dict()}: use another '
+                        '--run_name, or the hparams it was trained with')
+    if prefix is not None:
+        params, hp, prefix = checkpoint.load_params(prefix, hparams=hp)
+        vocab = os.path.dirname(prefix)
+    elif model_dir:
+        model_hp = hparams_lib.load(model_dir)
+        if model_hp != hp:
+            raise UserError(f'--hparams {hp.to_dict()} do not match {model_dir} '
+                            f'({model_hp.to_dict()}); drop --hparams to fine-tune it')
+        params, hp, prefix = checkpoint.load_params(model_dir, hparams=hp)
+        vocab = model_dir
+    else:
+        params, vocab = model.init_params(hp, seed=s.seed), ENCODER_DIR
+    return hp, params, prefix, vocab
+
+
+def sidecar_path(prefix):
+    return prefix + SIDECAR_SUFFIX
+
+
+def save(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
+    """model-STEP.* in OpenAI's format, then model-STEP.train.npz (slots and `meta`), and only then
+    the `checkpoint` state file; each file is written under a temporary name, fsynced and renamed
+    (paths.write_file), so a crash or a power cut at any point leaves the previous checkpoint the
+    latest, whole.
+
+    Then, with `keep_optimizer_state` 'latest', the older checkpoints' sidecars are rewritten
+    without their optimizer slots (see drop_slots); with `keep`, all but the newest `keep`
+    checkpoints are deleted.
+    """
+    checkpoint.save_params(state.params, prefix, hparams=state.hparams, update_state=False)
+    folder = os.path.dirname(prefix) or '.'
+    slots = state.slot_arrays()
+    paths.write_file(sidecar_path(prefix), lambda f: np.savez(
+        f, __meta__=np.array(json.dumps(meta)), **slots))
+    checkpoint.write_state(folder, prefix, keep=keep)
+    if keep:
+        for old in checkpoint.list_checkpoints(folder)[:-keep]:
+            if old != prefix:
+                for suffix in ('.index', checkpoint.DATA_SUFFIX, SIDECAR_SUFFIX):
+                    if os.path.exists(old + suffix):
+                        os.remove(old + suffix)
+    if keep_optimizer_state == LATEST:
+        step = checkpoint.step_of(prefix)
+        for old in checkpoint.list_checkpoints(folder):
+            # Only older steps: a run restarted from an earlier checkpoint leaves the later ones
+            # of its first history as they were until it saves over them.
+            if old != prefix and step is not None and (checkpoint.step_of(old) or 0) < step:
+                drop_slots(old)
+    return prefix
+
+
+def drop_slots(prefix):
+    """Rewrite a checkpoint's sidecar without its optimizer slots (atomically): the step, data
+    position, sampler and RNG state stay, a few KB instead of twice the weights for Adam. True if
+    there were slots to drop; a missing or unreadable sidecar is left as it is."""
+    path = sidecar_path(prefix)
+    try:
+        with np.load(path) as z:
+            if not any(k.startswith('slot/') for k in z.files):
+                return False
+            meta = json.loads(str(z['__meta__']))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+    meta['slots_dropped'] = True
+    paths.write_file(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta))))
+    return True
+
+
+def load_state(prefix):
+    """(meta, slot arrays) from a checkpoint's sidecar, or (None, None) when it has none (a model
+    from download_model.py, or a checkpoint from another trainer). A sidecar whose slots were
+    dropped (drop_slots) gives meta['slots_dropped'] True and no slot arrays."""
+    path = sidecar_path(prefix)
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z['__meta__']))
+            slots = {k: z[k] for k in z.files if k != '__meta__'}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f'{path} is not a readable training state: {e}; delete it to resume '
+                        'with a fresh optimizer') from None
+    return meta, slots
+
+
+def check_writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f'.probe-{uuid.uuid4().hex}')
+        with open(probe, 'w') as f:
+            f.write('')
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'cannot write to the checkpoint folder {folder}: {e.strerror}; choose '
+                        'another --checkpoint_dir or fix its permissions') from None
+
+
+def copy_vocab(src_dir, run_dir):
+    """The vocabulary files into the run folder (from src_dir, else the built-in ones), so the run
+    folder is self-contained: sample.py needs nothing but it."""
+    for name in VOCAB_FILES:
+        dst = os.path.join(run_dir, name)
+        src = os.path.join(src_dir, name)
+        if not os.path.exists(dst):
+            if not os.path.isfile(src):
+                src = os.path.join(ENCODER_DIR, name)
+            with open(src, 'rb') as f:
+                paths.write_file(dst, lambda out: shutil.copyfileobj(f, out))
+
+
+def prepare(s, hparams, vocab_dir):
+    """Make the run folder, with its hparams.json and vocabulary; returns the vocabulary folder
+    to encode with (the run's own, once it has one)."""
+    run_dir = folder(s)
+    vocab_dir = run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])) else vocab_dir
+    check_writable(run_dir)
+    hparams_lib.save(hparams, os.path.join(run_dir, hparams_lib.FILENAME))
+    copy_vocab(vocab_dir, run_dir)
+    return vocab_dir
+
+
+def meta(s, step, samplers, avg, hparams):
+    """What a sidecar records beside the slots, to resume exactly."""
+    return {'version': 1, 'step': step, 'seed': s.seed, 'optimizer': s.optimizer,
+            'only_transformer': s.only_train_transformer_layers,
+            'datasets': [p for p, _ in s.plan], 'samplers': [x.state() for x in samplers],
+            'avg_loss': avg, 'hparams': hparams.to_dict()}
+
+
+def resume(s, state, samplers, prefix):
+    """Put the training state saved beside `prefix` into `state` and `samplers` (each where it
+    can: another optimizer or other datasets start afresh, with a note) -> (step, avg loss)."""
+    saved, slots = load_state(prefix) if prefix else (None, None)
+    if saved is None:
+        own = prefix and os.path.dirname(prefix) == folder(s).rstrip('/')
+        return (checkpoint.step_of(prefix) or 0) if own else 0, [0.0, 0.0]
+    same = (saved['optimizer'], saved['only_transformer']) == (s.optimizer,
+                                                               s.only_train_transformer_layers)
+    if same and saved.get('slots_dropped') and state.slot_arrays():
+        tqdm.tqdm.write(f'note: {prefix} keeps no optimizer state (only the newest checkpoint of '
+                        'a run does, unless --keep_optimizer_state all); the optimizer starts '
+                        'afresh, the step and data position resume')
+    elif same:
+        state.set_slots(slots)
+    else:
+        tqdm.tqdm.write(f'note: {prefix} was trained with --optimizer {saved["optimizer"]}; '
+                        'starting the optimizer state afresh')
+    if saved['datasets'] == [p for p, _ in s.plan]:
+        for sampler, st in zip(samplers, saved['samplers']):
+            sampler.set_state(st)
+    else:
+        tqdm.tqdm.write('note: the datasets differ from the checkpoint\'s; sampling restarts')
+    return saved['step'], saved.get('avg_loss', [0.0, 0.0])
