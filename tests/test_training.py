@@ -13,13 +13,13 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import checkpoint
+from gpt2 import dataset
 from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
+from gpt2 import optim
 from gpt2 import runs
 from gpt2 import settings
-from gpt2 import optim
-from gpt2 import dataset
 from gpt2 import training
 from gpt2.errors import UserError
 from tests.conftest import OPENAI_117M, ROOT, require_shared
@@ -68,7 +68,7 @@ def _random_tree(hp, seed):
 
 def _mean_loss(hp, tree, windows):
     """The mean next-token cross-entropy of windows [batch, seq+1] under `tree`, in NumPy from
-    model.forward's logits (not through training.loss_fn, the code under test)."""
+    model.forward's logits (not through model.loss, the code under test)."""
     logits, _ = model.forward(hp, model.to_tensors(tree), tf.constant(windows[:, :-1]))
     logits = np.asarray(logits, np.float64)
     top = logits.max(-1, keepdims=True)
@@ -139,7 +139,7 @@ def test_logged_scalars_are_the_losses_rates_and_validation_losses(tmp_path, tin
                                                      for s in (1, 2, 3, 4)}, rel=1e-6)
     assert set(logged['tokens_per_second']) == {1, 2, 3, 4}
     batches = training.dataset_lib.validation_batches(training.dataset_lib.load_npz(val), 17,
-                                                      training.VAL_BATCH_SIZE, 3)
+                                                      settings.TrainSettings.val_batch_size, 3)
     want = {}
     for s in (2, 4):
         tree = checkpoint.load_params(os.path.join(out['run_dir'], f'model-{s}'))[0]
@@ -355,12 +355,12 @@ def test_accumulate_gradients_in_train_equals_a_bigger_batch(tmp_path, tiny, dat
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
     assert max(np.abs(pa[k] - ps[k]).max() for k in pa) > 1e-3
-    (ma, _), (mb, _) = (training.load_training_state(r['prefix']) for r in (acc, big))
+    (ma, _), (mb, _) = (runs.load_state(r['prefix']) for r in (acc, big))
     assert ma['samplers'] == mb['samplers']
 
 
 def _adafactor_reference(p0, grads, lr, wd):
-    """The documented rule (training._Adafactor) in float64 NumPy, written from the docstring: no
+    """The documented rule (optim.Adafactor) in float64 NumPy, written from the docstring: no
     momentum; for a matrix (the last two axes; leading axes of size 1) the second moment is the
     outer product of row and column means of g^2 + 1e-30, divided by the mean of the row means;
     for a vector it is g^2 + 1e-30 itself; both averaged with decay 1 - t^-0.8; the update
@@ -397,7 +397,7 @@ def _adafactor_reference(p0, grads, lr, wd):
 
 @pytest.mark.parametrize('shape', [[6, 5], [1, 6, 5], [7]], ids=['matrix', 'conv', 'vector'])
 def test_adafactor_equals_a_reference_of_its_documented_rule(shape):
-    """Six steps of training._Adafactor against _adafactor_reference on a matrix, a [1, nx, nf]
+    """Six steps of optim.Adafactor against _adafactor_reference on a matrix, a [1, nx, nf]
     conv weight and a vector: weights after every step and the final moments to 1e-5. The
     gradients change scale (x30, then x0.03) so that some steps are clipped and some not.
 
@@ -411,7 +411,7 @@ def test_adafactor_equals_a_reference_of_its_documented_rule(shape):
              for s in (1.0, 1.0, 30.0, 0.03, 1.0, 1.0)]
     want, moments, clipped = _adafactor_reference(p0, grads, lr, wd)
     assert any(clipped) and not all(clipped), clipped
-    rule = training.get_optimizer('adafactor')
+    rule = optim.get_optimizer('adafactor')
     p, s = tf.constant(p0), {k: tf.constant(v) for k, v in rule.init(tuple(shape)).items()}
     for t, (g, w) in enumerate(zip(grads, want), 1):
         p, s = rule.update(tf.constant(g), p, s, tf.constant(lr), tf.constant(float(t)), wd)
@@ -748,9 +748,9 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny, data):
             proc.communicate()
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == 'train.py: error: interrupted' and 'Traceback' not in err
-    run = tmp_path / 'ckpt' / training.RUN_NAME
+    run = tmp_path / 'ckpt' / settings.TrainSettings.run_name
     assert not [f for f in os.listdir(run) if f.startswith('model-') or f == 'checkpoint']
-    assert not (tmp_path / 'samples' / training.RUN_NAME / 'samples-3').exists()
+    assert not (tmp_path / 'samples' / settings.TrainSettings.run_name / 'samples-3').exists()
 
 
 @pytest.mark.slow
