@@ -2,4 +2,4 @@
 from encoder.bpe import (EOT, EOT_ID, PATTERN, Encoder, EncoderError, bytes_to_unicode,
                          get_encoder)
 
-__all__ = ['EOT', 'EOT_ID', 'PATTERN', 'Encoder', 'bytes_to_unicode', 'get_encoder']
+__all__ = ['EOT', 'EOT_ID', 'PATTERN', 'Encoder', 'EncoderError', 'bytes_to_unicode', 'get_encoder']
