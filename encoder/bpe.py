@@ -213,7 +213,8 @@ class Encoder:
             allowed_special = self.special_tokens.keys()
         unknown = [t for t in allowed_special if t not in self.special_tokens]
         if unknown:
-            raise EncoderError(f'unknown special tokens {unknown}; known: {list(self.special_tokens)}')
+            raise EncoderError(f'unknown special tokens {unknown}; known: '
+                               f'{list(self.special_tokens)}')
         allowed = [t for t in allowed_special if t in text]
         if not allowed:
             return [(None, text)] if text else []
@@ -252,7 +253,8 @@ def _load(encoder_path, vocab_path):
         with open(vocab_path, encoding='utf-8') as f:
             lines = f.read().split('\n')
     except (OSError, ValueError) as e:
-        raise EncoderError(f'cannot read the BPE vocabulary ({encoder_path}, {vocab_path}): {e}') from None
+        raise EncoderError(f'cannot read the BPE vocabulary ({encoder_path}, {vocab_path}): '
+                           f'{e}') from None
     # First line is '#version: 0.2'; the file ends with a newline. Lines are kept as they are
     # (the encoder's keys) unless their spacing needs tidying: splitting 50,000 lines into
     # pairs took a fifth of every vocabulary load.
