@@ -7,7 +7,6 @@ import glob
 import io
 import multiprocessing
 import os
-import secrets
 import tempfile
 import zipfile
 from collections import deque
@@ -18,6 +17,7 @@ import regex
 
 import encoder as encoder_lib
 from gpt2 import errors as errors_lib
+from gpt2 import paths
 from gpt2.errors import UserError
 
 COMBINE = 50000  # characters per chunk before it is closed (nshepperd's default)
@@ -429,49 +429,37 @@ def check_output(path, inputs=()):
 def write_npz(stream, path, *, compress=True):
     """Write the (tokens, chunk_end) stream as an .npz with one uint16 array per chunk (arr_0,
     arr_1, ...), streaming: a chunk larger than SPILL_BYTES waits in a temporary file, not in
-    memory. Atomic: written under a temporary name, then renamed. -> (chunks, tokens)."""
+    memory. Atomic and durable (paths.writing). -> (chunks, tokens)."""
     path = check_output(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = temp_name(path)
     chunks = total = 0
-    try:
-        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-        with zipfile.ZipFile(tmp, 'w', method, allowZip64=True, compresslevel=1) as zf, \
-                tempfile.TemporaryFile(dir=folder) as spill:
-            held, held_bytes, spilled = [], 0, 0
-            for tokens, end in stream:
-                if len(tokens):
-                    held.append(tokens)
-                    held_bytes += tokens.nbytes
-                    if held_bytes > SPILL_BYTES:
-                        for t in held:
-                            spill.write(t.data)
-                        spilled += held_bytes
-                        held, held_bytes = [], 0
-                if end:
-                    n = (spilled + held_bytes) // TOKEN_DTYPE.itemsize
-                    if n:
-                        spill.seek(0)
-                        _write_entry(zf, f'arr_{chunks}.npy', n, spill, spilled, held)
-                        chunks += 1
-                        total += n
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with paths.writing(path) as f, \
+            zipfile.ZipFile(f, 'w', method, allowZip64=True, compresslevel=1) as zf, \
+            tempfile.TemporaryFile(dir=folder) as spill:
+        held, held_bytes, spilled = [], 0, 0
+        for tokens, end in stream:
+            if len(tokens):
+                held.append(tokens)
+                held_bytes += tokens.nbytes
+                if held_bytes > SPILL_BYTES:
+                    for t in held:
+                        spill.write(t.data)
+                    spilled += held_bytes
+                    held, held_bytes = [], 0
+            if end:
+                n = (spilled + held_bytes) // TOKEN_DTYPE.itemsize
+                if n:
                     spill.seek(0)
-                    spill.truncate()
-                    held, held_bytes, spilled = [], 0, 0
+                    _write_entry(zf, f'arr_{chunks}.npy', n, spill, spilled, held)
+                    chunks += 1
+                    total += n
+                spill.seek(0)
+                spill.truncate()
+                held, held_bytes, spilled = [], 0, 0
         if not total:
             raise UserError('the corpus is empty: the inputs hold no text to encode')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return chunks, total
-
-
-def temp_name(path):
-    """A hidden name beside `path` for writing it before os.replace (created with the usual
-    permissions, unlike mkstemp's 0600)."""
-    folder, base = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f'.{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
 
 
 def _write_entry(zf, name, n, spill, spilled, held):

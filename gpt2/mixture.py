@@ -1,11 +1,13 @@
 """Corpus mixtures: several sources cut into units (lines, sentences or paragraphs), filtered,
 and interleaved round-robin into one text, streamed so memory stays flat."""
+import contextlib
 import os
 
 import regex
 
 from gpt2 import encoding
 from gpt2 import errors
+from gpt2 import paths
 from gpt2.errors import UserError
 
 UNITS = ('line', 'sentence', 'paragraph')
@@ -175,22 +177,12 @@ def encode_mixture(sources, output, *, unit='line', min_chars=1, max_chars=None,
     total = sum(os.path.getsize(p) for p in files)
     if total <= piece_chars:
         workers = 1
-    tmp = out = None
-    try:
-        if text_out is not None:
-            tmp = encoding.temp_name(text_out)
-            out = open(tmp, 'x', encoding='utf-8', newline='')
+    with contextlib.ExitStack() as stack:
+        out = None if text_out is None else stack.enter_context(
+            paths.writing(text_out, text=True))
         with encoding.progress_bar(total, 'mixing', progress) as update:
             items = mixture_items(mixed, unit, text_out=out, piece_chars=piece_chars)
             stream = encoding.encode_items(items, workers=workers, piece_chars=piece_chars,
                                            combine=0, progress=update, **kw)
             chunks, tokens = encoding.write_npz(stream, output, compress=compress)
-        if out is not None:
-            out.close()
-            os.replace(tmp, text_out)
-    finally:
-        if out is not None:
-            out.close()
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
     return {'chunks': chunks, 'tokens': tokens, 'bytes': total, 'files': len(files)}

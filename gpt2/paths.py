@@ -1,4 +1,5 @@
 """Default folders, how a model name becomes a folder, and atomic, durable writes of files."""
+import contextlib
 import errno
 import os
 import uuid
@@ -17,24 +18,33 @@ def model_dir(name, models_dir=MODELS_DIR):
 
 
 def write_file(path, content):
-    """Write `content` to `path` atomically and durably; the one way this project writes a file.
+    """Write `content` to `path` atomically and durably (see writing); `content` is str (UTF-8),
+    bytes, or a function that writes into the binary file object it is given (np.savez,
+    shutil.copyfileobj)."""
+    with writing(path) as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode('utf-8') if isinstance(content, str) else content)
 
-    `content` is str (UTF-8), bytes, or a function that writes into the binary file object it is
-    given (np.savez, shutil.copyfileobj). It goes to a hidden temporary name in the same folder,
-    is flushed and fsynced, renamed into place, and the folder is fsynced: a crash never leaves a
-    half-written file under the final name, and a power cut just after the call cannot leave an
-    empty one. Folders are created; the temporary file is removed on any failure.
-    """
+
+@contextlib.contextmanager
+def writing(path, *, text=False):
+    """A file object (binary, or UTF-8 text with `text`) through which `path` is written: the one
+    way this project writes a file. It goes to a hidden temporary name in the same folder; when
+    the block ends it is flushed and fsynced, renamed into place, and the folder is fsynced, so a
+    crash never leaves a half-written file under the final name, and a power cut just after
+    cannot leave an empty one. Folders are created; on any error the temporary file is removed
+    and `path` is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp')
     try:
         # 0o666 less the umask, as open() gives (mkstemp would make every file 0600).
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'wb') as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode('utf-8') if isinstance(content, str) else content)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with (os.fdopen(fd, 'w', encoding='utf-8', newline='') if text else
+              os.fdopen(fd, 'wb')) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         replace(tmp, path, synced=True)
