@@ -408,68 +408,86 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
     results, texts = [], []
     bounds = [s[0] for s in spans[1:]] + [length]
     for b0 in range(0, len(prompts), batch_size):
-        ids = list(range(b0, min(b0 + batch_size, len(prompts))))
-        rows = [list(prompts[i]) for i in ids]
-        rows += [list(rows[0]) for _ in range(batch_size - len(ids))]  # padding rows, dropped
-        row_ids = ids + [len(prompts) + j for j in range(batch_size - len(ids))]
-        gen = [[] for _ in rows]
-        ended = np.array([False] * len(ids) + [True] * (batch_size - len(ids)))
-        cut = [None] * batch_size
-        done_steps = 0
-        span_i = 0
-        dec.prefill(_trees(spans[0]), [window(r, hparams) if len(r) > L else r for r in rows],
-                    row_ids=row_ids, done=ended)
-        while done_steps < length and not ended.all():
+        batch = _Batch(prompts[b0:b0 + batch_size], b0, batch_size, len(prompts))
+        done_steps = span_i = 0
+        dec.prefill(_trees(spans[0]), [window(r, hparams) if len(r) > L else r
+                                       for r in batch.rows], row_ids=batch.row_ids,
+                    done=batch.ended)
+        while done_steps < length and not batch.ended.all():
             while span_i + 1 < len(spans) and spans[span_i + 1][0] <= done_steps:
                 span_i += 1
                 if recompute:
-                    _rebuild(dec, _trees(spans[span_i]), rows, gen, row_ids, done_steps, ended, L,
-                             hparams)
+                    _rebuild(dec, _trees(spans[span_i]), batch, done_steps, L, hparams)
             if on_span is not None:
                 on_span(span_i, done_steps)
             if dec.room() == 0:
-                _rebuild(dec, _trees(spans[span_i]), rows, gen, row_ids, done_steps, ended, L,
-                         hparams)
+                _rebuild(dec, _trees(spans[span_i]), batch, done_steps, L, hparams)
             n = min(dec.chunk, dec.room(), bounds[span_i] - done_steps)
             controls = make_controls(hparams, temperature=temperature, top_p=top_p,
                                      repetition_penalty=repetition_penalty, seed=seed,
                                      stop_ids=stop_ids, weights=spans[span_i][2])
-            out = dec.run(_trees(spans[span_i]), n, controls)
-            for r in range(batch_size):
-                if ended[r]:
-                    continue
-                toks = out[r]
-                if (toks == PAD).any():
-                    toks = toks[:int(np.argmax(toks == PAD))]
-                stop_at = next((k for k, t in enumerate(toks) if t in stop_ids), None)
-                if stop_at is not None:
-                    gen[r] += toks[:stop_at].tolist()
-                    rows[r] += toks[:stop_at + 1].tolist()
-                    ended[r] = True
-                    continue
-                gen[r] += toks.tolist()
-                rows[r] += toks.tolist()
-                if stop_strings and decode_text is not None:
-                    text = decode_text(gen[r])
-                    hits = [text.find(s) for s in stop_strings if s in text]
-                    if hits:
-                        cut[r] = min(hits)
-                        ended[r] = True
+            batch.take(dec.run(_trees(spans[span_i]), n, controls), stop_ids, stop_strings,
+                       decode_text)
             done_steps += n
             if progress is not None:
                 progress(n)
-        for r in range(len(ids)):
-            if cut[r] is not None:
-                text = decode_text(gen[r])[:cut[r]]
-                k = len(gen[r])
-                while k and len(decode_text(gen[r][:k])) > cut[r]:
-                    k -= 1
-                gen[r] = gen[r][:k]
-                texts.append(text)
-            else:
-                texts.append(decode_text(gen[r]) if decode_text is not None else None)
-            results.append(gen[r])
+        for tokens, text in batch.results(decode_text):
+            results.append(tokens)
+            texts.append(text)
     return {'tokens': results, 'texts': texts, 'tracing_count': dec.decode.tracing_count()}
+
+
+class _Batch:
+    """The rows of one batch while they are generated: `rows` (prompt and new tokens, what the
+    model reads), `gen` (the new tokens kept), `ended`, and where a stop string cut each row's
+    text. Rows past the prompts pad the batch; they start ended and are dropped."""
+
+    def __init__(self, prompts, first, batch_size, n_prompts):
+        self.real = len(prompts)
+        pad = batch_size - self.real
+        self.rows = [list(p) for p in prompts] + [list(prompts[0]) for _ in range(pad)]
+        # Each row's id keys its noise: sample i draws the same whatever batch it runs in.
+        self.row_ids = [first + r for r in range(self.real)] + [n_prompts + j for j in range(pad)]
+        self.gen = [[] for _ in self.rows]
+        self.ended = np.array([False] * self.real + [True] * pad)
+        self.cut = [None] * batch_size
+
+    def take(self, out, stop_ids, stop_strings, decode_text):
+        """Add a chunk of new tokens [batch, n] (PAD after a row ended inside the loop); a row
+        ends at a stop id (not kept) or, between chunks, when its text holds a stop string."""
+        for r, toks in enumerate(out):
+            if self.ended[r]:
+                continue
+            if (toks == PAD).any():
+                toks = toks[:int(np.argmax(toks == PAD))]
+            stop_at = next((k for k, t in enumerate(toks) if t in stop_ids), None)
+            if stop_at is not None:
+                self.gen[r] += toks[:stop_at].tolist()
+                self.rows[r] += toks[:stop_at + 1].tolist()
+                self.ended[r] = True
+                continue
+            self.gen[r] += toks.tolist()
+            self.rows[r] += toks.tolist()
+            if stop_strings and decode_text is not None:
+                text = decode_text(self.gen[r])
+                hits = [text.find(s) for s in stop_strings if s in text]
+                if hits:
+                    self.cut[r] = min(hits)
+                    self.ended[r] = True
+
+    def results(self, decode_text):
+        """(new tokens, text or None) per real row; a row cut at a stop string keeps the tokens
+        whose text fits before the cut."""
+        for r in range(self.real):
+            gen = self.gen[r]
+            if self.cut[r] is None:
+                yield gen, (decode_text(gen) if decode_text is not None else None)
+                continue
+            text = decode_text(gen)[:self.cut[r]]
+            k = len(gen)
+            while k and len(decode_text(gen[:k])) > self.cut[r]:
+                k -= 1
+            yield gen[:k], text
 
 
 def _trees(span):
@@ -477,7 +495,7 @@ def _trees(span):
     return span[1]() if callable(span[1]) else span[1]
 
 
-def _rebuild(dec, params, rows, gen, row_ids, steps, ended, L, hparams):
+def _rebuild(dec, params, batch, steps, L, hparams):
     # Re-read each row's text with `params`: for recompute mode, and to slide past a full cache.
-    keep = [window(r, hparams) if len(r) >= L else r for r in rows]
-    dec.prefill(params, keep, row_ids=row_ids, steps=steps, done=ended.copy())
+    keep = [window(r, hparams) if len(r) >= L else r for r in batch.rows]
+    dec.prefill(params, keep, row_ids=batch.row_ids, steps=steps, done=batch.ended.copy())
