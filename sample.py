@@ -9,7 +9,7 @@ from gpt2 import cli
 cli.quiet_tensorflow()
 
 from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import fast, model, paths, prompts, sampling, scoring  # noqa: E402
+from gpt2 import fast, paths, precision, prompts, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
 MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
@@ -66,7 +66,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
            nsamples=1, batch_size=1, length=sampling.DEFAULT_LENGTH,
            temperature=sampling.DEFAULT_TEMPERATURE, top_k=sampling.DEFAULT_TOP_K,
            top_p=sampling.DEFAULT_TOP_P, repetition_penalty=sampling.DEFAULT_PENALTY, seed=None,
-           stop=None, include_prompt=False, output=None, quiet=False, xla=True,
+           stop=None, include_prompt=False, output=None, quiet=False, xla=True, dtype='fp32',
            novel_against=None, novel_mode='mark', ngram=novelty_lib.DEFAULT_NGRAM):
     """Generate text. Subcommands: `sample.py score|palimpsest|novelty --help`.
 
@@ -101,18 +101,22 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
         output: also write the samples to this file (samples separated by delimiter lines).
         quiet: no progress bar or delimiters on stdout.
         xla: compile the decode loop with XLA (--noxla: TF's kernels; see BENCHMARKS.md).
+        dtype: the type the weights are held in for decoding: fp32 (as trained), bf16 (half the
+            memory) or int8 (a quarter, and faster at batch 1; README "Precision" has their
+            error and speed).
         novel_against: training text (files, folders, globs, comma-separated): lines copied from
             it are marked or dropped (see `sample.py novelty --help`); the copy rate goes to stderr.
         novel_mode: mark (prefix copied lines with '[copied] ') or drop.
         ngram: tokens in a shared run that make a line copied.
     """
     _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, batch_size)
+    precision.check_dtype(dtype)
     texts = prompts.read(prompt, prompt_file)  # bad input fails before the weights load
     novel = (novelty_lib.Filter(novel_against, mode=novel_mode, ngram=ngram)
              if novel_against else None)
     params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
                                          checkpoint_dir)
-    params = fast.for_decoding(params)
+    params = fast.for_decoding(params, dtype)
     stop_ids, stop_strings = prompts.stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
     print(f'checkpoint {prefix}, seed {seed}', file=sys.stderr)
@@ -161,13 +165,14 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
 
 
 def score(file=None, text=None, model_name=None, run_name=None, checkpoint=None,
-          models_dir=MODELS_DIR, checkpoint_dir=CHECKPOINT_DIR, tokens=False):
+          models_dir=MODELS_DIR, checkpoint_dir=CHECKPOINT_DIR, tokens=False, dtype='fp32'):
     """Score a text: mean loss (nats per token), perplexity and bits per byte under a checkpoint.
 
     --file F or --text T (one of them); --tokens also prints each token's log-probability.
     The first token is conditioned on <|endoftext|>; long texts are read in windows overlapping by
-    half of n_ctx. Weights: --model_name, --run_name or --checkpoint as for sampling.
+    half of n_ctx. Weights: --model_name, --run_name or --checkpoint and --dtype as for sampling.
     """
+    precision.check_dtype(dtype)
     if (file is None) == (text is None):
         raise UserError('give one of --file or --text to score')
     if file is not None:
@@ -181,7 +186,7 @@ def score(file=None, text=None, model_name=None, run_name=None, checkpoint=None,
     ids = enc.encode(text)
     if not ids:
         raise UserError('the text to score is empty')
-    lp = scoring.score(hparams, model.to_tensors(params), ids,
+    lp = scoring.score(hparams, fast.for_decoding(params, dtype), ids,
                        context_token=sampling.start_token(hparams))
     if tokens:
         for t, v in zip(ids, lp):
@@ -198,7 +203,7 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
                top_k=sampling.DEFAULT_TOP_K, top_p=sampling.DEFAULT_TOP_P,
                repetition_penalty=sampling.DEFAULT_PENALTY, seed=None, stop=None,
                include_prompt=False, output=None, samples_dir=SAMPLES_DIR,
-               budget_mb=palimpsest_lib.DEFAULT_BUDGET_MB, quiet=False, xla=True):
+               budget_mb=palimpsest_lib.DEFAULT_BUDGET_MB, quiet=False, xla=True, dtype='fp32'):
     """One text written by checkpoints from several moments of training.
 
     Plans (one of):
@@ -218,11 +223,13 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
     --annotate: mark each span in the text with [[checkpoint]] and write a JSON file of spans.
     Output goes to --samples_dir (samples/) under a name recording the plan, seed and
     temperature (or --output FILE), with a JSON record beside it; --budget_mb caps the weights
-    held in memory at once.
-    Prompts, controls (--nsamples ... --stop), --include_prompt, --quiet and --xla: as for plain
-    sampling, see `sample.py --help`.
+    held in memory at once, counted in --dtype (int8 copies are a quarter of fp32's, so about
+    four times as many checkpoints stay loaded).
+    Prompts, controls (--nsamples ... --stop), --include_prompt, --quiet, --xla and --dtype: as
+    for plain sampling, see `sample.py --help`.
     """
     _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, batch_size)
+    precision.check_dtype(dtype)
     texts = prompts.read(prompt, prompt_file)
     run_dir = os.path.join(checkpoint_dir, str(run_name)) if run_name is not None else None
     if run_dir is not None and not os.path.isdir(run_dir):
@@ -235,12 +242,13 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
         print(f'note: {plan.note}', file=sys.stderr)
     prefixes = plan.prefixes
     hparams = palimpsest_lib.check_same_hparams(prefixes)
-    store = palimpsest_lib.Store(hparams, budget_mb)
+    store = palimpsest_lib.Store(hparams, budget_mb, dtype)
     if plan.blend:
-        need = sum(os.path.getsize(p + checkpoint.DATA_SUFFIX) for p, _ in plan.blend)
+        need = len(plan.blend) * store.copy_bytes()
         if need > store.budget:
             raise UserError(f'--blend needs all {len(plan.blend)} checkpoints in memory at once '
-                            f'({need >> 20} MB), more than --budget_mb {budget_mb}; raise it')
+                            f'({need >> 20} MB in {dtype}), more than --budget_mb {budget_mb}; '
+                            'raise it, or take a narrower --dtype')
     enc = _encoder(prefixes[0])
     stop_ids, stop_strings = prompts.stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
@@ -265,7 +273,8 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
         body = (shown[i] + text) if include_prompt else text
         chunks.append(body)
         _show(i, body, quiet)
-    meta = {'plan': plan.description, 'cache': cache, 'seed': seed, 'temperature': temperature,
+    meta = {'plan': plan.description, 'cache': cache, 'dtype': dtype, 'seed': seed,
+            'temperature': temperature,
             'top_k': top_k, 'top_p': top_p, 'repetition_penalty': repetition_penalty,
             'length': length, 'written': datetime.datetime.now().isoformat(timespec='seconds'),
             'checkpoints': prefixes}

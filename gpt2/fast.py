@@ -15,6 +15,8 @@ from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import control_flow_util
 
+from gpt2 import precision
+
 ATTN_BLOCK = 128  # queries per block in causal attention without a cache (see attend)
 FEW_ROWS = 128    # up to this many rows, products are taken weights-first (see _few_rows_matmul)
 LOSS_ROWS = 512   # rows of logits the fused output layer and loss hold at once (103 MB at 124M)
@@ -143,44 +145,112 @@ def _recomputed(f):
 
 # ---------------------------------------------------------------- decoding: weights read faster
 
-def for_decoding(params):
-    """The tree as tensors with each conv1d {'w' [1, nx, nf], 'b'} stored as {'w_t' [nf, nx], 'b'}
-    (w_t = transpose(w[0])), which linear reads faster for few rows; what sampling passes to
-    forward. A copy for reading, not a checkpoint layout; a tree already in this layout comes back
-    as it is. Plainly, the tree as it is."""
-    def conv1d(p):
-        if 'w_t' in p or PLAIN:
-            return p
-        return {'w_t': tf.transpose(tf.convert_to_tensor(p['w'])[0]), 'b': p['b']}
+def for_decoding(params, dtype='fp32'):
+    """The tree as tensors laid out for decoding, its matrices stored as `dtype` (see
+    gpt2/precision.py): each conv1d {'w' [1, nx, nf], 'b'} becomes {'w_t' [nf, nx], 'b'}
+    (w_t = transpose(w[0])), which linear reads faster for few rows, plus 'scale' [nf] for int8;
+    wte is stored as `dtype`, for int8 as {'q' [n_vocab, n_embd], 'scale' [n_vocab]}. A copy for
+    reading, not a checkpoint layout; a tree already in this layout comes back as it is. Plainly,
+    the tree with its matrices rounded as such a copy holds them, in float32."""
+    precision.check_dtype(dtype)
+    if PLAIN:
+        return _tensors(precision.rounded(params, dtype) if dtype != 'fp32' else params)
+    if params['h'] and 'w_t' in params['h'][0]['attn']['c_attn']:
+        return params
 
-    tree = dict(params, h=[
+    def narrow(w):
+        # [n, k] with output channels as rows -> (the matrix as stored, its int8 scale or None)
+        if dtype == 'int8':
+            return precision.quantize(w)
+        return tf.cast(w, tf.bfloat16 if dtype == 'bf16' else tf.float32), None
+
+    def conv1d(p):
+        w_t, scale = narrow(tf.transpose(tf.convert_to_tensor(p['w'], tf.float32)[0]))
+        return {'w_t': w_t, 'b': p['b'], **({} if scale is None else {'scale': scale})}
+
+    q, scale = narrow(tf.convert_to_tensor(params['wte'], tf.float32))
+    wte = q if scale is None else {'q': q, 'scale': scale}
+    tree = dict(params, wte=wte, h=[
         dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
              mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
+    return _tensors(tree)
+
+
+def _tensors(tree):
     return tf.nest.map_structure(
         lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), tree)
 
 
+def _wide(w, x):
+    """A narrow (bf16, int8) matrix read as x's type inside the product with x: XLA fuses the
+    conversion into a product of few rows, so only the narrow bytes are read (BENCHMARKS.md).
+    Under XLA it is also multiplied by a one computed from x: left loop-invariant in the decode
+    loop, the conversion was hoisted out of it, and every step read a wide copy instead."""
+    if w.dtype == x.dtype:
+        return w
+    if in_xla() and x.shape[0] == 1:
+        x0 = tf.reshape(x, [-1])[0]
+        bits = tf.int8 if w.dtype == tf.int8 else tf.int16
+        zero = tf.cast(x0 != x0, bits)       # 0 (1 where x holds NaN, which the product is)
+        w = tf.bitcast(tf.bitcast(w, bits) + zero, w.dtype)
+    return tf.cast(w, x.dtype)
+
+
+def _narrow_product(w, x):
+    # x held apart from what made it, so its producers are not fused into (and recomputed for
+    # every output of) the product with a narrow w
+    return xla.optimization_barrier(x)[0] if w.dtype != x.dtype and in_xla() else x
+
+
 @_twin
 def linear(plain_linear, x, p):
-    """= model.linear, x @ w[0] + b, also for a for_decoding tree's w_t [nf, nx] (w_t = w[0]^T):
-    few rows under XLA as (w_t x^T)^T, more as x w_t^T."""
+    """= model.linear, x @ w[0] + b, also for a for_decoding tree's w_t [nf, nx] (w_t = w[0]^T,
+    times `scale` per output channel for int8): few rows under XLA as (w_t x^T)^T, more as
+    x w_t^T."""
     if 'w_t' not in p:
         return plain_linear(x, p)
     nf, nx = p['w_t'].shape
-    x2 = tf.reshape(x, [-1, nx])
+    x2 = _narrow_product(p['w_t'], tf.reshape(x, [-1, nx]))
+    w_t = _wide(p['w_t'], x2)
+    scale = p.get('scale')
     if _few(x2):
-        y = tf.transpose(_few_rows_matmul(p['w_t'], x2) + p['b'][:, None])
+        y = _few_rows_matmul(w_t, x2)
+        y = tf.transpose((y if scale is None else y * scale[:, None]) + p['b'][:, None])
     else:
-        y = tf.matmul(x2, p['w_t'], transpose_b=True) + p['b']
+        y = tf.matmul(x2, w_t, transpose_b=True)
+        y = (y if scale is None else y * scale) + p['b']
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [nf]], 0))
 
 
 @_twin
+def embed(plain_embed, params, tokens, positions):
+    """= model.embed, also for a for_decoding tree's narrow wte: the rows gathered, then widened
+    (and scaled, for int8)."""
+    wte = params['wte']
+    if not isinstance(wte, dict) and wte.dtype == tf.float32:
+        return plain_embed(params, tokens, positions)
+    if isinstance(wte, dict):
+        rows = tf.cast(tf.gather(wte['q'], tokens), tf.float32) * tf.gather(
+            wte['scale'], tokens)[..., None]
+    else:
+        # gathered as 16-bit integers: XLA's CPU backend widens a bf16 gather's whole table
+        rows = tf.cast(tf.bitcast(tf.gather(tf.bitcast(wte, tf.int16), tokens), tf.bfloat16),
+                       tf.float32)
+    return rows + tf.gather(params['wpe'], positions)
+
+
+@_twin
 def unembed(plain_unembed, h, wte):
-    """= model.unembed, h wte^T: for few rows under XLA as (wte h^T)^T."""
+    """= model.unembed, h wte^T, also for a for_decoding tree's narrow wte: for few rows under
+    XLA as (wte h^T)^T."""
+    q, scale = (wte['q'], wte['scale']) if isinstance(wte, dict) else (wte, None)
+    h = _narrow_product(q, h)
+    q = _wide(q, h)
     if _few(h):
-        return tf.transpose(_few_rows_matmul(wte, h))
-    return plain_unembed(h, wte)
+        y = _few_rows_matmul(q, h)
+        return tf.transpose(y if scale is None else y * scale[:, None])
+    y = plain_unembed(h, q)
+    return y if scale is None else y * scale
 
 
 def _few(x2):

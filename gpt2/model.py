@@ -180,6 +180,7 @@ def empty_cache(hparams, batch, length=None, dtype=tf.float32):
     return tuple(tf.zeros(shape, dtype) for _ in range(hparams.n_layer))
 
 
+@fast.beside
 def embed(params, tokens, positions):
     """tokens, positions [batch, seq] -> [batch, seq, n_embd]: token plus position embeddings."""
     return tf.gather(params['wte'], tokens) + tf.gather(params['wpe'], positions)

@@ -1,0 +1,93 @@
+"""Number formats: the types a decoding copy of the weights is stored in (fp32, bf16, int8) and what
+each rounds a weight to. The rounded weights, in float32, are what the plain math decodes with;
+gpt2/fast.py stores them narrow and reads them as such."""
+import numpy as np
+import tensorflow as tf
+
+from gpt2 import errors
+
+# sample.py --dtype: the type of the weights' decoding copy. Only the matrices (every conv1d's w
+# and wte, 99.6% of the bytes at 124M) are narrowed; biases, gains and wpe stay float32.
+DTYPES = ('fp32', 'bf16', 'int8')
+DTYPE_NOTE = ('fp32: as trained; bf16: matrices rounded to bfloat16 (half the bytes); int8: '
+              'matrices as int8 with a float32 scale per output channel (a quarter)')
+INT8_MAX = 127
+
+
+def check_dtype(dtype):
+    errors.check_choice('dtype', dtype, DTYPES, note=DTYPE_NOTE)
+    return dtype
+
+
+def quantize(w):
+    """w [n, k] (n output channels of k inputs) -> (q int8 [n, k], scale float32 [n]) with
+    w ~= q * scale[:, None]: symmetric, per output channel, scale = max|w| / 127 over the channel
+    (1 for a channel of zeros), q = round(w / scale). Each weight is off by at most scale / 2."""
+    w = tf.convert_to_tensor(w, tf.float32)
+    amax = tf.reduce_max(tf.abs(w), axis=-1)
+    scale = tf.where(amax > 0, amax / INT8_MAX, tf.ones_like(amax))
+    q = tf.clip_by_value(tf.round(w / scale[:, None]), -INT8_MAX, INT8_MAX)
+    return tf.cast(q, tf.int8), scale
+
+
+def dequantize(q, scale):
+    """The float32 weights [n, k] an int8 copy stands for."""
+    return tf.cast(q, tf.float32) * scale[:, None]
+
+
+def round_matrix(w, dtype):
+    """w [n, k] (rows are output channels) as the `dtype` copy holds it, in float32."""
+    if dtype == 'fp32':
+        return tf.convert_to_tensor(w, tf.float32)
+    if dtype == 'bf16':
+        return tf.cast(tf.cast(w, tf.bfloat16), tf.float32)
+    return dequantize(*quantize(w))
+
+
+def rounded(params, dtype):
+    """The tree with every matrix rounded as a `dtype` decoding copy stores it, as float32
+    tensors: the weights such a copy decodes with. conv1d weights [1, nx, nf] have nf output
+    channels (a column each); wte's output channels, in the tied output layer, are its rows."""
+    check_dtype(dtype)
+
+    def conv1d(p):
+        w = tf.convert_to_tensor(p['w'], tf.float32)[0]
+        return dict(p, w=tf.transpose(round_matrix(tf.transpose(w), dtype))[None])
+
+    return dict(params, wte=round_matrix(params['wte'], dtype), h=[
+        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
+             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
+
+
+def copy_bytes(spec, dtype):
+    """The bytes a `dtype` decoding copy of a tree holds, from its leaves' shapes (`spec`, the
+    tree of model.Param): what rounded() narrows takes 4, 2 or 1 bytes a value, plus int8's
+    float32 scale per output channel; the rest 4."""
+    item = {'fp32': 4, 'bf16': 2, 'int8': 1}[check_dtype(dtype)]
+
+    def matrix(shape):  # conv1d [1, nx, nf] has nf output channels, wte [n_vocab, n_embd] n_vocab
+        n = int(np.prod(shape))
+        channels = shape[-1] if len(shape) == 3 else shape[0]
+        return n * item + (4 * channels if dtype == 'int8' else 0)
+
+    total = matrix(spec['wte'].shape)
+    for name, leaf in _leaves(spec):
+        if name != 'wte':
+            total += matrix(leaf.shape) if name.endswith('/w') else 4 * int(np.prod(leaf.shape))
+    return total
+
+
+def _leaves(tree, path=''):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f'{path}/{k}' if path else k)
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f'{path}/{i}')
+    else:
+        yield path, tree
+
+
+def nbytes(tree):
+    """Bytes held by a tree's leaves (arrays, tensors or variables)."""
+    return sum(int(np.prod(x.shape)) * tf.as_dtype(x.dtype).size for x in tf.nest.flatten(tree))
