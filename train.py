@@ -41,7 +41,12 @@ def train(dataset=None, **flags):
       --only_train_transformer_layers   freeze wte, wpe and ln_f
       --noise P                 replace each input token by a random one with probability P
       --seed N                  weights (from scratch), data order and noise (0)
-      --nojit_compile           run the step on TF's kernels instead of XLA (slower)
+      --precision fp32|bf16|fp16  the type of the products (mixed precision): weights, optimizer
+                                state, layer norms, softmax and the loss stay float32; fp16 scales
+                                the loss, skipping (and counting) steps that overflow. fp32 (the
+                                default); README "Precision" says when to pick which
+      --nojit_compile           run the step on TF's kernels instead of XLA (for fp32 slower;
+                                bf16 and fp16 take TF's kernels on a CPU unless --jit_compile)
     Output:
       --save_every N (1000)  --max_checkpoints N (keep all by default)
       --keep_optimizer_state latest|all   which checkpoints keep the optimizer's slots (for Adam
@@ -51,7 +56,8 @@ def train(dataset=None, **flags):
       --val_dataset PATH  --val_every N (0 = never)  --val_batch_size N (2)
       --val_batch_count N (40)
       --progress / --noprogress the tqdm bar
-    TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second) go to the run folder.
+    TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second; loss_scale and
+    skipped_steps with fp16) go to the run folder.
     """
     training.run(settings.TrainSettings.from_flags(dataset=dataset, **flags))
 

@@ -1,5 +1,6 @@
-"""Training throughput and peak memory at the 124M shape (fp32) against Hugging Face's
-GPT2LMHeadModel (dropout 0, AdamW) measured in the same run, each side in its own subprocess.
+"""Training throughput and peak memory at the 124M shape against Hugging Face's GPT2LMHeadModel
+(dropout 0, AdamW) measured in the same run, each side in its own subprocess: fp32 on both sides,
+and mixed precision (ours --precision bf16, Hugging Face under torch.autocast bf16).
 
     flock /tmp/gpt2-bench.lock /work/main/.venv/bin/python bench/train.py
 
@@ -22,14 +23,15 @@ def _peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None):
+def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None, precision='fp32'):
     import numpy as np
-    from gpt2 import hparams as hparams_lib, model, settings, training
-    jit_compile = settings.TrainSettings.jit_compile if jit_compile is None else jit_compile
+    from gpt2 import fast, hparams as hparams_lib, model, training
+    if jit_compile is None:   # as train.py decides
+        jit_compile = fast.compiles_train_step(precision)
     hp = hparams_lib.PRESETS['124M']
     state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
     step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
-                                    jit_compile=jit_compile)
+                                    precision=precision, jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     windows = lambda: rng.integers(0, hp.n_vocab, [1, batch, seq + 1]).astype(np.int32)  # noqa
     for i in range(warmup):
@@ -40,7 +42,8 @@ def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None):
     return batch * seq * steps / (time.perf_counter() - t0)
 
 
-def hf(batch, seq, steps, warmup):
+def hf(batch, seq, steps, warmup, bf16=False):
+    import contextlib
     import torch
     import transformers
     torch.manual_seed(0)
@@ -53,9 +56,10 @@ def hf(batch, seq, steps, warmup):
     def one():
         x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
         # Labels are the input shifted by one, as in ours: seq predictions per row.
-        out = net(input_ids=x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
-                                                 x[:, 1:].reshape(-1))
+        with (torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            out = net(input_ids=x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(
+                out.logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,15 +96,17 @@ def train_flops_per_token(seq, n_layer=12, d=768, n_vocab=50257):
 
 def worker(args):
     side, batch, seq, steps, warmup = args[0], *map(int, args[1:5])
-    if side == 'hf':
-        tps = hf(batch, seq, steps, warmup)
+    if side in ('hf', 'hf-bf16'):
+        tps = hf(batch, seq, steps, warmup, bf16=side == 'hf-bf16')
     elif side == 'gflops':
         tps = matmul_gflops()
     else:
         # ours: the default step (XLA); ours-recompute: --memory_saving_gradients;
-        # ours-noxla: TF's own kernels (--nojit_compile).
+        # ours-noxla: TF's own kernels (--nojit_compile); ours-bf16: --precision bf16 (on a
+        # CPU: TF's kernels), ours-bf16-xla: the same under XLA.
         tps = ours(batch, seq, steps, warmup, recompute=side == 'ours-recompute',
-                   jit_compile=False if side == 'ours-noxla' else None)
+                   jit_compile={'ours-noxla': False, 'ours-bf16-xla': True}.get(side),
+                   precision='bf16' if side.startswith('ours-bf16') else 'fp32')
     print(json.dumps({'value': tps, 'rss': _peak_rss_gib()}))
 
 
@@ -113,6 +119,8 @@ def run(side, batch=0, seq=0, steps=0, warmup=0):
 
 
 def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf'):
+    """--sides from ours, ours-recompute, ours-noxla, ours-bf16, ours-bf16-xla, hf, hf-bf16
+    (ratios are to hf, and for the bf16 sides also to hf-bf16)."""
     gflops = run('gflops')['value']
     print(f'fp32 matmul rate: {gflops:.0f} GFLOP/s')
     # fire hands a comma list over as a tuple, a single item as a string
@@ -124,8 +132,10 @@ def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf
         print(f'\n{batch} x {seq} (FLOP-bound rate {bound:.0f} tokens/s)')
         for s, r in res.items():
             ratio = f'{r["value"] / res["hf"]["value"]:.2f}x HF' if 'hf' in res else ''
+            if 'bf16' in s and 'hf-bf16' in res:
+                ratio += f' {r["value"] / res["hf-bf16"]["value"]:.2f}x HF-bf16'
             print(f'  {s:15s} {r["value"]:7.1f} tokens/s  peak RSS {r["rss"]:.2f} GiB  '
-                  f'{ratio:10s} {r["value"] / bound:.0%} of FLOP-bound')
+                  f'{ratio:22s} {r["value"] / bound:.0%} of FLOP-bound')
 
 
 if __name__ == '__main__':

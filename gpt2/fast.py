@@ -57,6 +57,17 @@ def in_xla():
     return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
+# ---------------------------------------------------------------- where the train step runs
+
+def compiles_train_step(precision):
+    """Whether the train step runs under XLA unless told: in fp32 yes (it fuses the elementwise
+    work: 1.6x TF's kernels on a CPU); in bf16 and fp16 only with a GPU, since XLA's CPU backend
+    widens low-precision products to float32 ones (no faster) while TF's oneDNN kernels run bf16
+    products at about twice their float32 rate (BENCHMARKS.md). The optimizer's update is
+    compiled either way."""
+    return precision == 'fp32' or bool(tf.config.list_physical_devices('GPU'))
+
+
 # ---------------------------------------------------------------- gradients that save less
 
 _GELU_C = math.sqrt(2 / math.pi)
@@ -149,7 +160,7 @@ def for_decoding(params, dtype='fp32'):
     """The tree as tensors laid out for decoding, its matrices stored as `dtype` (see
     gpt2/precision.py): each conv1d {'w' [1, nx, nf], 'b'} becomes {'w_t' [nf, nx], 'b'}
     (w_t = transpose(w[0])), which linear reads faster for few rows, plus 'scale' [nf] for int8;
-    wte is stored as `dtype`, for int8 as {'q' [n_vocab, n_embd], 'scale' [n_vocab]}. A copy for
+    a narrow wte becomes {'table' [n_vocab, n_embd]} (plus 'scale' [n_vocab] for int8). A copy for
     reading, not a checkpoint layout; a tree already in this layout comes back as it is. Plainly,
     the tree with its matrices rounded as such a copy holds them, in float32."""
     precision.check_dtype(dtype)
@@ -168,8 +179,9 @@ def for_decoding(params, dtype='fp32'):
         w_t, scale = narrow(tf.transpose(tf.convert_to_tensor(p['w'], tf.float32)[0]))
         return {'w_t': w_t, 'b': p['b'], **({} if scale is None else {'scale': scale})}
 
-    q, scale = narrow(tf.convert_to_tensor(params['wte'], tf.float32))
-    wte = q if scale is None else {'q': q, 'scale': scale}
+    table, scale = narrow(tf.convert_to_tensor(params['wte'], tf.float32))
+    wte = table if dtype == 'fp32' else {'table': table, **({} if scale is None else
+                                                            {'scale': scale})}
     tree = dict(params, wte=wte, h=[
         dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
              mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
@@ -183,9 +195,11 @@ def _tensors(tree):
 
 def _wide(w, x):
     """A narrow (bf16, int8) matrix read as x's type inside the product with x: XLA fuses the
-    conversion into a product of few rows, so only the narrow bytes are read (BENCHMARKS.md).
-    Under XLA it is also multiplied by a one computed from x: left loop-invariant in the decode
-    loop, the conversion was hoisted out of it, and every step read a wide copy instead."""
+    conversion into a one-row product, so only the narrow bytes are read (BENCHMARKS.md). For
+    one row under XLA a zero computed from x is added to its bits first: left loop-invariant in
+    the decode loop, the conversion was hoisted out of it and every step read a wide copy. For
+    more rows that hoisting is left alone (one wide copy per call of the loop): XLA's fused
+    conversion is slower than its own product of several rows."""
     if w.dtype == x.dtype:
         return w
     if in_xla() and x.shape[0] == 1:
@@ -196,12 +210,6 @@ def _wide(w, x):
     return tf.cast(w, x.dtype)
 
 
-def _narrow_product(w, x):
-    # x held apart from what made it, so its producers are not fused into (and recomputed for
-    # every output of) the product with a narrow w
-    return xla.optimization_barrier(x)[0] if w.dtype != x.dtype and in_xla() else x
-
-
 @_twin
 def linear(plain_linear, x, p):
     """= model.linear, x @ w[0] + b, also for a for_decoding tree's w_t [nf, nx] (w_t = w[0]^T,
@@ -210,7 +218,7 @@ def linear(plain_linear, x, p):
     if 'w_t' not in p:
         return plain_linear(x, p)
     nf, nx = p['w_t'].shape
-    x2 = _narrow_product(p['w_t'], tf.reshape(x, [-1, nx]))
+    x2 = tf.reshape(x, [-1, nx])
     w_t = _wide(p['w_t'], x2)
     scale = p.get('scale')
     if _few(x2):
@@ -224,32 +232,37 @@ def linear(plain_linear, x, p):
 
 @_twin
 def embed(plain_embed, params, tokens, positions):
-    """= model.embed, also for a for_decoding tree's narrow wte: the rows gathered, then widened
-    (and scaled, for int8)."""
+    """= model.embed, also for a for_decoding tree's wte {'table', 'scale'}: the rows gathered,
+    then widened (and scaled, for int8)."""
     wte = params['wte']
-    if not isinstance(wte, dict) and wte.dtype == tf.float32:
+    if not isinstance(wte, dict):
         return plain_embed(params, tokens, positions)
-    if isinstance(wte, dict):
-        rows = tf.cast(tf.gather(wte['q'], tokens), tf.float32) * tf.gather(
-            wte['scale'], tokens)[..., None]
-    else:
+    table = wte['table']
+    if table.dtype == tf.bfloat16:
         # gathered as 16-bit integers: XLA's CPU backend widens a bf16 gather's whole table
-        rows = tf.cast(tf.bitcast(tf.gather(tf.bitcast(wte, tf.int16), tokens), tf.bfloat16),
-                       tf.float32)
+        rows = tf.bitcast(tf.gather(tf.bitcast(table, tf.int16), tokens), tf.bfloat16)
+    else:
+        rows = tf.gather(table, tokens)
+    rows = tf.cast(rows, tf.float32)
+    if 'scale' in wte:
+        rows = rows * tf.gather(wte['scale'], tokens)[..., None]
     return rows + tf.gather(params['wpe'], positions)
 
 
 @_twin
 def unembed(plain_unembed, h, wte):
-    """= model.unembed, h wte^T, also for a for_decoding tree's narrow wte: for few rows under
-    XLA as (wte h^T)^T."""
-    q, scale = (wte['q'], wte['scale']) if isinstance(wte, dict) else (wte, None)
-    h = _narrow_product(q, h)
-    q = _wide(q, h)
+    """= model.unembed, h wte^T, also for a for_decoding tree's wte {'table', 'scale'}: for few
+    rows under XLA as (wte h^T)^T."""
+    if not isinstance(wte, dict):
+        if _few(h) and wte.dtype == h.dtype:
+            return tf.transpose(_few_rows_matmul(wte, h))
+        return plain_unembed(h, wte)
+    table, scale = wte['table'], wte.get('scale')
+    table = _wide(table, h)
     if _few(h):
-        y = _few_rows_matmul(q, h)
+        y = _few_rows_matmul(table, h)
         return tf.transpose(y if scale is None else y * scale[:, None])
-    y = plain_unembed(h, q)
+    y = plain_unembed(h, table)
     return y if scale is None else y * scale
 
 
@@ -318,12 +331,13 @@ def fused_head_loss(x, wte, targets, *, rows=None):
     padded, not a smaller block size chosen. It computes the gradients even when none is taken,
     so evaluation calls model.cross_entropy.plain."""
     n, d = x.shape
+    c = wte.dtype  # the products' type (mixed precision: bf16 or fp16); the rest in float32
     rows = min(rows or LOSS_ROWS, n)
     blocks = -(-n // rows)
     pad = blocks * rows - n       # the last block is padded with rows that count for nothing
     n_vocab = wte.shape[0]
     targets = tf.pad(targets, [[0, pad]])
-    valid = tf.pad(tf.ones([n], x.dtype), [[0, pad]])
+    valid = tf.pad(tf.ones([n], tf.float32), [[0, pad]])
 
     @tf.custom_gradient
     def loss(x, wte):
@@ -334,13 +348,15 @@ def fused_head_loss(x, wte, targets, *, rows=None):
             xi = tf.slice(xp, [i * rows, 0], [rows, d])
             ti = tf.slice(targets, [i * rows], [rows])
             vi = tf.slice(valid, [i * rows], [rows])
-            logits = tf.matmul(xi, wte, transpose_b=True)               # [rows, n_vocab]
+            xi = tf.cast(xi, c)
+            logits = tf.cast(tf.matmul(xi, wte, transpose_b=True), tf.float32)  # [rows, n_vocab]
             lse = tf.reduce_logsumexp(logits, axis=-1)
             total = tf.reduce_sum((lse - tf.gather(logits, ti, batch_dims=1)) * vi)
             # The 1/n of the mean goes in here, where it costs nothing, rather than on dwte.
-            g = (tf.exp(logits - lse[:, None]) -
-                 tf.one_hot(ti, n_vocab, dtype=x.dtype)) * (vi / n)[:, None]
-            return total, tf.matmul(g, wte), tf.matmul(g, xi, transpose_a=True)
+            g = tf.cast((tf.exp(logits - lse[:, None]) -
+                         tf.one_hot(ti, n_vocab, dtype=tf.float32)) * (vi / n)[:, None], c)
+            return (total, tf.cast(tf.matmul(g, wte), x.dtype),
+                    tf.cast(tf.matmul(g, xi, transpose_a=True), tf.float32))
 
         def body(i, total, dx, dwte):
             # One wte-sized buffer carried through the loop, added to in place.
@@ -357,7 +373,8 @@ def fused_head_loss(x, wte, targets, *, rows=None):
             dx = dx.stack()
 
         def grad(dy):
-            return tf.reshape(dx, [blocks * rows, d])[:n] * dy, dwte * dy
+            return (tf.reshape(dx, [blocks * rows, d])[:n] * tf.cast(dy, x.dtype),
+                    tf.cast(dwte * dy, c))   # (dwte summed over the blocks in float32)
         return total / n, grad
 
     return loss(x, wte)

@@ -3,8 +3,11 @@
 The tree is {'wte', 'wpe', 'h': [block, ...], 'ln_f'} with each block {'ln_1', 'attn': {'c_attn',
 'c_proj'}, 'ln_2', 'mlp': {'c_fc', 'c_proj'}}; leaves have the checkpoint's shapes (conv1d weights
 keep OpenAI's leading axis of 1); `spec` defines it. Leaves may be arrays, tensors or variables;
-nothing here makes state. Functions marked @fast.beside have a faster twin in gpt2/fast.py that
-computes the same thing; `fast.plain()` runs these plain versions everywhere.
+nothing here makes state. Mixed precision hands in a tree whose matrices (conv1d w, wte) are a
+bfloat16 or float16 copy (gpt2/precision.py): the products run in the matrices' type, softmax
+and the loss in float32, and the residual stream and layer norms stay in wpe's type (float32).
+Functions marked @fast.beside have a faster twin in gpt2/fast.py that computes the same thing;
+`fast.plain()` runs these plain versions everywhere.
 """
 import dataclasses
 import math
@@ -94,9 +97,12 @@ def norm(x, p, *, eps=1e-5):
 
 @fast.beside
 def linear(x, p):
-    """[..., nx] -> [..., nf]: OpenAI's conv1d, x @ w[0] + b with w of shape [1, nx, nf]."""
-    nx, nf = p['w'].shape[-2], p['w'].shape[-1]
-    y = tf.matmul(tf.reshape(x, [-1, nx]), tf.reshape(p['w'], [nx, nf])) + p['b']
+    """[..., nx] -> [..., nf]: OpenAI's conv1d, x @ w[0] + b with w of shape [1, nx, nf], in w's
+    type."""
+    w = p['w']
+    nx, nf = w.shape[-2], w.shape[-1]
+    y = tf.matmul(tf.cast(tf.reshape(x, [-1, nx]), w.dtype), tf.reshape(w, [nx, nf]))
+    y = y + tf.cast(p['b'], w.dtype)
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [nf]], 0))
 
 
@@ -122,9 +128,11 @@ def masked(w, mask):
 def attend(q, k, v, mask, *, causal=False):
     """q [batch, n_head, queries, head_dim], k, v [batch, n_head, keys, head_dim] ->
     [batch, n_head, queries, head_dim]: softmax(q k^T / sqrt(head_dim), masked by mask
-    [batch, 1, queries, keys]) v. `causal` says the keys are the queries' own slots, from 0."""
+    [batch, 1, queries, keys]) v, the softmax in float32. `causal` says the keys are the
+    queries' own slots, from 0."""
     w = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
-    return tf.matmul(tf.nn.softmax(masked(w, mask)), v)
+    w = tf.nn.softmax(masked(tf.cast(w, tf.float32), mask))
+    return tf.matmul(tf.cast(w, v.dtype), v)
 
 
 @fast.beside
@@ -163,8 +171,8 @@ def block(x, p, *, n_head, mask, past=None, pos=0):
     """One pre-norm transformer block; returns the new x and this layer's keys and values (see
     attn)."""
     a, present = attn(norm(x, p['ln_1']), p['attn'], n_head=n_head, mask=mask, past=past, pos=pos)
-    x = x + a
-    return x + mlp(norm(x, p['ln_2']), p['mlp']), present
+    x = x + tf.cast(a, x.dtype)   # (the residual stream keeps its type under mixed precision)
+    return x + tf.cast(mlp(norm(x, p['ln_2']), p['mlp']), x.dtype), present
 
 
 def empty_cache(hparams, batch, length=None, dtype=tf.float32):
@@ -182,22 +190,25 @@ def empty_cache(hparams, batch, length=None, dtype=tf.float32):
 
 @fast.beside
 def embed(params, tokens, positions):
-    """tokens, positions [batch, seq] -> [batch, seq, n_embd]: token plus position embeddings."""
-    return tf.gather(params['wte'], tokens) + tf.gather(params['wpe'], positions)
+    """tokens, positions [batch, seq] -> [batch, seq, n_embd]: token plus position embeddings, in
+    wpe's type."""
+    wpe = params['wpe']
+    return tf.cast(tf.gather(params['wte'], tokens), wpe.dtype) + tf.gather(wpe, positions)
 
 
 @fast.beside
 def unembed(h, wte):
     """[rows, n_embd] -> logits [rows, n_vocab]: h wte^T (the output layer is tied to the token
-    embedding)."""
-    return tf.matmul(h, wte, transpose_b=True)
+    embedding), in wte's type."""
+    return tf.matmul(tf.cast(h, wte.dtype), wte, transpose_b=True)
 
 
 def head(hparams, params, h):
-    """[batch, seq, n_embd] -> logits [batch, seq, n_vocab]: the final norm, then unembed."""
+    """[batch, seq, n_embd] -> logits [batch, seq, n_vocab] (float32): the final norm, then
+    unembed."""
     shape = tf.shape(h)
     logits = unembed(tf.reshape(norm(h, params['ln_f']), [-1, hparams.n_embd]), params['wte'])
-    return tf.reshape(logits, tf.concat([shape[:-1], [hparams.n_vocab]], 0))
+    return tf.reshape(tf.cast(logits, tf.float32), tf.concat([shape[:-1], [hparams.n_vocab]], 0))
 
 
 def hidden(hparams, params, tokens, *, cache=None, pos=0, start=None, block_fn=block):
@@ -246,9 +257,9 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
 @fast.beside
 def cross_entropy(h, wte, targets):
     """h [rows, n_embd] (after ln_f), targets [rows] -> the mean cross-entropy of the targets under
-    the logits unembed(h, wte)."""
+    the logits unembed(h, wte), taken in float32."""
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=targets, logits=unembed(h, wte)))
+        labels=targets, logits=tf.cast(unembed(h, wte), tf.float32)))
 
 
 def loss(hparams, params, inputs, targets, *, block_fn=block):

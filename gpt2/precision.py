@@ -1,6 +1,7 @@
-"""Number formats: the types a decoding copy of the weights is stored in (fp32, bf16, int8) and what
-each rounds a weight to. The rounded weights, in float32, are what the plain math decodes with;
-gpt2/fast.py stores them narrow and reads them as such."""
+"""Number formats. Decoding: the types a decoding copy of the weights is stored in (fp32, bf16,
+int8) and what each rounds a weight to; the rounded weights, in float32, are what the plain math
+decodes with, and gpt2/fast.py stores them narrow and reads them as such. Training: the compute
+types of mixed precision (fp32, bf16, fp16) and fp16's dynamic loss scale."""
 import numpy as np
 import tensorflow as tf
 
@@ -12,6 +13,37 @@ DTYPES = ('fp32', 'bf16', 'int8')
 DTYPE_NOTE = ('fp32: as trained; bf16: matrices rounded to bfloat16 (half the bytes); int8: '
               'matrices as int8 with a float32 scale per output channel (a quarter)')
 INT8_MAX = 127
+
+# train.py --precision: the type the products are computed in. The weights (masters), the
+# optimizer slots, layer norms, softmax and the loss stay float32.
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+PRECISION_NOTE = ('fp32: everything in float32; bf16: products in bfloat16 (Ampere GPUs and '
+                  'later, TPUs, CPUs with AVX512_BF16 or AMX); fp16: products in float16 with '
+                  'a dynamic loss scale (older GPUs such as the T4)')
+COMPUTE = {'fp32': tf.float32, 'bf16': tf.bfloat16, 'fp16': tf.float16}
+# fp16's loss scale: starts at 2^15, halves on a step whose gradients overflow (that step's update
+# is skipped), doubles after this many steps in a row that did not (PyTorch's GradScaler's rule).
+LOSS_SCALE_START, LOSS_SCALE_GROWTH_STEPS = 2.0 ** 15, 2000
+
+
+def check_precision(name):
+    errors.check_choice('precision', name, PRECISIONS, note=PRECISION_NOTE)
+    return name
+
+
+def compute_copy(params, name):
+    """The tree with its matrices (each conv1d's w and wte) cast to `name`'s compute type, for
+    the products of mixed precision; the rest stays float32. Made inside the gradient tape from
+    the float32 masters, so their gradients come back float32 through the casts."""
+    c = COMPUTE[check_precision(name)]
+    if c == tf.float32:
+        return params
+
+    def conv1d(p):
+        return dict(p, w=tf.cast(p['w'], c))
+    return dict(params, wte=tf.cast(params['wte'], c), h=[
+        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
+             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
 
 
 def check_dtype(dtype):

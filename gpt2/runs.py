@@ -178,12 +178,13 @@ def prepare(s, hparams, vocab_dir):
     return vocab_dir
 
 
-def meta(s, step, samplers, avg, hparams):
+def meta(s, step, samplers, avg, hparams, state):
     """What a sidecar records beside the slots, to resume exactly."""
     return {'version': 1, 'step': step, 'seed': s.seed, 'optimizer': s.optimizer,
             'only_transformer': s.only_train_transformer_layers,
             'datasets': [p for p, _ in s.plan], 'samplers': [x.state() for x in samplers],
-            'avg_loss': avg, 'hparams': hparams.to_dict()}
+            'avg_loss': avg, 'hparams': hparams.to_dict(), 'precision': s.precision,
+            'loss_scale': state.scaler_state()}
 
 
 def resume(s, state, samplers, prefix):
@@ -204,6 +205,13 @@ def resume(s, state, samplers, prefix):
     else:
         tqdm.tqdm.write(f'note: {prefix} was trained with --optimizer {saved["optimizer"]}; '
                         'starting the optimizer state afresh')
+    # fp16's loss scale resumes where it was; another precision starts its own (the weights and
+    # the optimizer state are float32 whatever the precision, so they carry over).
+    if saved.get('precision', 'fp32') == s.precision and 'loss_scale' in saved:
+        state.set_scaler(saved['loss_scale'])
+    elif saved.get('precision', 'fp32') != s.precision:
+        tqdm.tqdm.write(f'note: {prefix} was trained with --precision '
+                        f'{saved.get("precision", "fp32")}; going on in {s.precision}')
     if saved['datasets'] == [p for p, _ in s.plan]:
         for sampler, st in zip(samplers, saved['samplers']):
             sampler.set_state(st)

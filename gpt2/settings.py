@@ -7,8 +7,10 @@ import numbers
 
 from gpt2 import dataset
 from gpt2 import errors
+from gpt2 import fast
 from gpt2 import optim
 from gpt2 import paths
+from gpt2 import precision
 from gpt2.errors import UserError
 
 # --keep_optimizer_state: the optimizer slots (for Adam twice the weights) stay in the newest
@@ -54,9 +56,10 @@ class TrainSettings:
     seed: int = 0
     curriculum: object = None
     combine: int = 50000              # characters per joined text chunk (nshepperd's default)
-    # XLA fuses the step's elementwise work: on CPU it trained 1.6x faster in 0.3x less memory
-    # than TF's own kernels at the 124M shape (BENCHMARKS.md).
-    jit_compile: bool = True
+    precision: str = 'fp32'           # the products' type: gpt2/precision.py
+    # None: fast.compiles_train_step(precision) decides (XLA for fp32, where it trained 1.6x
+    # faster in 0.3x less memory than TF's own kernels at 124M on a CPU; BENCHMARKS.md).
+    jit_compile: bool = None
     progress: bool = True
 
     @classmethod
@@ -99,10 +102,13 @@ class TrainSettings:
                     and ok(v)):
                 raise UserError(f'--{name} must be {want}, got {v!r}')
         errors.check_choice('optimizer', self.optimizer, optim.OPTIMIZERS)
+        precision.check_precision(self.precision)
         errors.check_choice('lr_schedule', self.lr_schedule, optim.SCHEDULES)
         errors.check_choice('keep_optimizer_state', self.keep_optimizer_state, (LATEST, ALL),
                             note=f'{LATEST}: the newest checkpoint keeps the optimizer state; '
                                  f'{ALL}: every checkpoint')
+        if self.jit_compile is None:
+            object.__setattr__(self, 'jit_compile', fast.compiles_train_step(self.precision))
         if self.weight_decay is None:
             object.__setattr__(self, 'weight_decay', optim.default_weight_decay(self.optimizer))
         if self.curriculum and self.dataset:

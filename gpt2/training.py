@@ -20,6 +20,7 @@ from gpt2 import model
 from gpt2 import novelty
 from gpt2 import optim
 from gpt2 import paths
+from gpt2 import precision as precision_lib
 from gpt2 import runs
 from gpt2 import sampling
 from gpt2.errors import UserError
@@ -28,20 +29,24 @@ from gpt2.settings import TrainSettings
 
 # ---------------------------------------------------------------- loss
 
-def loss_and_grads(hparams, params, windows, *, names=None, recompute=False, inputs=None):
+def loss_and_grads(hparams, params, windows, *, names=None, recompute=False, inputs=None,
+                   precision='fp32', loss_scale=None):
     """windows [batch, seq+1] -> (loss, {checkpoint name: gradient}) for the leaves in `names`
     (all by default). The loss predicts windows[:, 1:] from windows[:, :-1] (or from `inputs`,
-    the noised copy of windows[:, :-1])."""
+    the noised copy of windows[:, :-1]). `precision` names the products' type (mixed precision,
+    gpt2/precision.py); with `loss_scale` the gradients are taken of loss * loss_scale (fp16's
+    loss scaling) and come back scaled so."""
     flat = checkpoint.flatten(params)
     names = sorted(flat) if names is None else names
     with tf.GradientTape() as tape:
         leaves = {k: tf.convert_to_tensor(v) for k, v in flat.items()}
         tape.watch([leaves[k] for k in names])
-        tree = checkpoint.unflatten(leaves, hparams)
+        tree = precision_lib.compute_copy(checkpoint.unflatten(leaves, hparams), precision)
         x = windows[:, :-1] if inputs is None else inputs
         loss = model.loss(hparams, tree, x, windows[:, 1:],
                           block_fn=fast.recomputed(model.block) if recompute else model.block)
-    grads = tape.gradient(loss, [leaves[k] for k in names])
+        scaled = loss if loss_scale is None else loss * loss_scale
+    grads = tape.gradient(scaled, [leaves[k] for k in names])
     return loss, {k: tf.convert_to_tensor(g) for k, g in zip(names, grads)}
 
 
@@ -63,6 +68,17 @@ class TrainState:
         self.slots = {k: {s: tf.Variable(z, trainable=False)
                           for s, z in self.rule.init(tuple(flat[k].shape)).items()}
                       for k in self.names}
+        # fp16's dynamic loss scale: the scale, the steps since it last changed, steps skipped
+        self.scaler = {'scale': tf.Variable(precision_lib.LOSS_SCALE_START, trainable=False),
+                       'good': tf.Variable(0, trainable=False),
+                       'skipped': tf.Variable(0, trainable=False)}
+
+    def scaler_state(self):
+        return {k: v.numpy().item() for k, v in self.scaler.items()}
+
+    def set_scaler(self, values):
+        for k, v in values.items():
+            self.scaler[k].assign(v)
 
     def slot_arrays(self):
         """{'slot/<slot>/<name>': array}, the optimizer state as saved in the sidecar."""
@@ -82,18 +98,21 @@ class TrainState:
 
 
 def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_norm=None,
-                    recompute=False, noise=0.0, jit_compile=True):
+                    recompute=False, noise=0.0, precision='fp32', jit_compile=True):
     """A compiled step(state, windows, lr, t, seed) -> loss that updates state in place.
 
     windows [accumulate, batch, seq+1] int32: gradients are averaged over the leading axis (the
     accumulation micro-batches), so 2 x batch 2 gives what 1 x batch 4 gives. lr (float32) and t
     (the 1-based step, float32) are tensors, so every step reuses one trace; seed [2] int32 seeds
-    the token noise statelessly, so a resumed run draws the same noise.
+    the token noise statelessly, so a resumed run draws the same noise. `precision` is the
+    products' type (gpt2/precision.py); with fp16 the loss is scaled by state.scaler's scale, and
+    a step whose gradients overflow changes nothing but the scaler (its 'skipped' count).
     """
     rule = optim.get_optimizer(optimizer)
+    scaled = precision_lib.check_precision(precision) == 'fp16'
 
     @tf.function(jit_compile=jit_compile)
-    def step(params, slots, windows, lr, t, seed):
+    def step(params, slots, scaler, windows, lr, t, seed):
         names = sorted(slots)
         inputs = windows[:, :, :-1]
         if noise:
@@ -104,41 +123,65 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
                                                dtype=tf.int32)
             inputs = tf.where(hit, rand, inputs)
         n = windows.shape[0]
-        loss, grads = loss_and_grads(hparams, params, windows[0], names=names,
-                                     recompute=recompute, inputs=inputs[0])
+        scale = scaler['scale'].read_value() if scaled else None
+        kw = dict(names=names, recompute=recompute, precision=precision, loss_scale=scale)
+        loss, grads = loss_and_grads(hparams, params, windows[0], inputs=inputs[0], **kw)
         grads = [grads[k] for k in names]
         if n > 1:
             for i in tf.range(1, n):
                 # Accumulation micro-batches in a loop (not unrolled), so only one micro-batch's
                 # activations are alive at a time.
-                li, gi = loss_and_grads(hparams, params, windows[i], names=names,
-                                        recompute=recompute, inputs=inputs[i])
+                li, gi = loss_and_grads(hparams, params, windows[i], inputs=inputs[i], **kw)
                 loss += li
                 grads = [a + gi[k] for a, k in zip(grads, names)]
             loss = loss / n
             grads = [g / n for g in grads]
+        if scaled:
+            grads = [g / scale for g in grads]
+            applied = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            _update_scale(scaler, applied)
         if max_grad_norm:
             grads, _ = tf.clip_by_global_norm(grads, max_grad_norm)
+        apply(params, slots, dict(zip(names, grads)), lr, t, applied if scaled else True)
+        return loss
+
+    @tf.function(jit_compile=True)
+    def apply(params, slots, grads, lr, t, applied):
+        # The update is elementwise over every weight and slot: XLA runs it as one pass over
+        # memory, also when the products above run on TF's kernels.
         flat = checkpoint.flatten(params)
-        for k, g in zip(names, grads):
+        for k, g in sorted(grads.items()):
             wd = weight_decay if optim.decays(k) else 0.0
-            p, s = rule.update(g, flat[k].read_value(), {a: v.read_value() for a, v in
-                                                         slots[k].items()}, lr, t, wd)
+            old = {a: v.read_value() for a, v in slots[k].items()}
+            p, s = rule.update(g, flat[k].read_value(), old, lr, t, wd)
+            if scaled:  # an overflowing step leaves the weights and slots as they were
+                p = tf.where(applied, p, flat[k].read_value())
+                s = {a: tf.where(applied, v, old[a]) for a, v in s.items()}
             flat[k].assign(p)
             for a, v in s.items():
                 slots[k][a].assign(v)
-        return loss
 
     def call(state, windows, lr, t, seed):
-        return step(state.params, state.slots, tf.constant(windows, tf.int32),
+        return step(state.params, state.slots, state.scaler, tf.constant(windows, tf.int32),
                     tf.constant(lr, tf.float32), tf.constant(t, tf.float32),
                     tf.constant(seed, tf.int32))
 
     call.tracing_count = step.experimental_get_tracing_count
-    call.optimized_hlo = lambda state, windows: step.experimental_get_compiler_ir(
-        state.params, state.slots, tf.constant(windows, tf.int32), tf.constant(1e-4),
-        tf.constant(1.0), tf.constant([0, 0]))(stage='optimized_hlo')  # for tests
+    call.optimized_hlo = lambda state, windows, stage='optimized_hlo': (
+        step.experimental_get_compiler_ir(
+            state.params, state.slots, state.scaler, tf.constant(windows, tf.int32),
+            tf.constant(1e-4), tf.constant(1.0), tf.constant([0, 0]))(stage=stage))
     return call
+
+
+def _update_scale(scaler, finite):
+    """fp16's dynamic loss scale after a step: halved (and the step counted as skipped) when its
+    gradients overflowed, doubled after LOSS_SCALE_GROWTH_STEPS finite steps in a row."""
+    good = tf.where(finite, scaler['good'] + 1, 0)
+    grow = good >= precision_lib.LOSS_SCALE_GROWTH_STEPS
+    scaler['scale'].assign(tf.where(finite, tf.where(grow, 2.0, 1.0), 0.5) * scaler['scale'])
+    scaler['good'].assign(tf.where(grow, 0, good))
+    scaler['skipped'].assign_add(tf.where(finite, 0, 1))
 
 
 def make_eval_step(hparams, *, jit_compile=True):
@@ -216,16 +259,17 @@ def run(s):
     state = TrainState(hp, params, s.optimizer, only_transformer=s.only_train_transformer_layers)
     del params
     step, avg = runs.resume(s, state, samplers, prefix)
+    skipped = state.scaler_state()['skipped']
 
     def save():
         return runs.save(state, os.path.join(run_dir, f'model-{step}'),
-                         runs.meta(s, step, samplers, avg, hp), keep=s.max_checkpoints,
+                         runs.meta(s, step, samplers, avg, hp, state), keep=s.max_checkpoints,
                          keep_optimizer_state=s.keep_optimizer_state)
 
     train_step = make_train_step(hp, s.optimizer, weight_decay=s.weight_decay,
                                  max_grad_norm=s.max_grad_norm,
                                  recompute=s.memory_saving_gradients, noise=s.noise,
-                                 jit_compile=s.jit_compile)
+                                 precision=s.precision, jit_compile=s.jit_compile)
     eval_step = make_eval_step(hp, jit_compile=s.jit_compile) if val_batches else None
     writer = tf.summary.create_file_writer(run_dir)
     losses, saved, last = [], None, prefix
@@ -242,7 +286,14 @@ def run(s):
                 t0 = time.perf_counter()
                 loss = float(train_step(state, windows, lr, step + 1, [s.seed, step]))
                 rate = tokens / (time.perf_counter() - t0)
-                if not math.isfinite(loss):
+                scaler = state.scaler_state() if s.precision == 'fp16' else None
+                if scaler and scaler['skipped'] > skipped:   # the gradients overflowed
+                    skipped = scaler['skipped']
+                    if scaler['scale'] < 1:
+                        raise UserError(f'fp16 gradients overflowed at every loss scale down to '
+                                        f'{scaler["scale"]:g} (step {step + 1}); train with '
+                                        '--precision bf16 or fp32')
+                elif not math.isfinite(loss):
                     raise UserError(f'the loss became {loss} at step {step + 1}, so training '
                                     f'stopped; the last good checkpoint is {last or "none"}. '
                                     'Lower --learning_rate or set --max_grad_norm')
@@ -252,9 +303,14 @@ def run(s):
                 _scalar('loss', loss, step=step)
                 _scalar('learning_rate', lr, step=step)
                 _scalar('tokens_per_second', rate, step=step)
+                note = ''
+                if scaler:
+                    _scalar('loss_scale', scaler['scale'], step=step)
+                    _scalar('skipped_steps', skipped, step=step)
+                    note = f' skipped={skipped}'
                 bar.update(1)
                 bar.set_postfix_str(f'step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} '
-                                    f'tok/s={rate:.0f}')
+                                    f'tok/s={rate:.0f}{note}')
                 if s.save_every and step % s.save_every == 0:
                     last = saved = save()
                     writer.flush()
