@@ -4,7 +4,10 @@ Random weights (no download), a 16-token prompt and 128 new greedy tokens, batch
 measures memory bandwidth (a compiled sum over 1 GiB, both cores, before each batch size) and
 reports each speed as a fraction of the bandwidth bound (every weight read once per step); runs
 the palimpsest keep mode with a checkpoint swap every 16 tokens against plain decode, and sampled
-decoding (temperature 1, top_k 40) on both sides. Run one benchmark at a time:
+decoding (temperature 1, top_k 40) on both sides. `--dtypes` adds our narrow decoding copies
+(sample.py --dtype bf16, int8) against their peers: Hugging Face with bf16 weights and
+CTranslate2 (`pip install ctranslate2`; the same random GPT-2 converted) in float32 and int8.
+Run one benchmark at a time:
 
     flock /tmp/gpt2-bench.lock .venv/bin/python bench/decode.py
 """
@@ -41,9 +44,9 @@ def _best(fn, repeats):
     return min(times)
 
 
-def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None):
+def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None, dtype='fp32'):
     """Greedy, or with top_k a draw at temperature 1 from the top_k most likely tokens."""
-    spans = spans or [(0, (fast.for_decoding(params),), (1.0,))]
+    spans = spans or [(0, (fast.for_decoding(params, dtype),), (1.0,))]
 
     def go():
         sampling.run_spans(hp, spans, prompts=prompts, batch_size=len(prompts), length=new,
@@ -52,12 +55,18 @@ def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None):
     return go
 
 
-def huggingface(prompts, new, threads, top_k=None):
+def _hf_model(bf16=False):
     import torch
     import transformers
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    return hf.to(torch.bfloat16) if bf16 else hf
+
+
+def huggingface(prompts, new, threads, top_k=None, bf16=False):
+    import torch
+    torch.set_num_threads(threads)
+    hf = _hf_model(bf16)
     ids = torch.tensor(prompts)
 
     def go():
@@ -70,13 +79,45 @@ def huggingface(prompts, new, threads, top_k=None):
     return go
 
 
+def ctranslate2_model(folder, compute_type, threads):
+    """The random Hugging Face GPT-2 converted for CTranslate2, loaded with `compute_type`."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    src, out = os.path.join(folder, 'hf'), os.path.join(folder, 'ct2')
+    if not os.path.isdir(out):
+        import shutil
+        import encoder
+        _hf_model().save_pretrained(src)
+        vocab = os.path.dirname(encoder.__file__)   # GPT-2's tokenizer files, HF's names
+        shutil.copy(os.path.join(vocab, 'encoder.json'), os.path.join(src, 'vocab.json'))
+        shutil.copy(os.path.join(vocab, 'vocab.bpe'), os.path.join(src, 'merges.txt'))
+        TransformersConverter(src).convert(out, force=True)
+    return ctranslate2.Generator(out, device='cpu', compute_type=compute_type,
+                                 intra_threads=threads)
+
+
+def ctranslate2_decode(gen, prompts, new):
+    import json
+    import encoder
+    with open(os.path.join(os.path.dirname(encoder.__file__), 'encoder.json')) as f:
+        token = {i: t for t, i in json.load(f).items()}   # CTranslate2 takes token strings
+    start = [[token[t] for t in p] for p in prompts]
+
+    def go():
+        res = gen.generate_batch(start, max_length=new,
+                                 min_length=new, sampling_topk=1, include_prompt_in_result=False)
+        assert all(len(r.sequences_ids[0]) == new for r in res)
+    return go
+
+
 def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, threads=None,
-         top_k=40):
+         top_k=40, dtypes=False):
     """Print tokens/s for each batch size: ours with and without XLA, Hugging Face, the bound.
 
     --batches sizes to run; --prompt, --new tokens; --repeats timed runs (best kept);
     --swap_every palimpsest swap interval; --hf=False skips Hugging Face; --threads for torch;
-    --top_k for the sampled rows (temperature 1, both sides; 0 skips them).
+    --top_k for the sampled rows (temperature 1, both sides; 0 skips them); --dtypes adds
+    ours in bf16 and int8, Hugging Face bf16 and CTranslate2 float32 and int8 (greedy).
     """
     import tensorflow as tf
     threads = threads or os.cpu_count()
@@ -108,6 +149,18 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
             if hf:
                 rows[f'huggingface sampled top_k={top_k}'] = _best(
                     huggingface(prompts, new, threads, top_k=top_k), repeats)
+        if dtypes:
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                for dtype in ('bf16', 'int8'):
+                    rows[f'ours {dtype}'] = _best(ours(hp, params, prompts, new, jit_compile=True,
+                                                       dtype=dtype), repeats)
+                rows['huggingface bf16'] = _best(huggingface(prompts, new, threads, bf16=True),
+                                                 repeats)
+                for ct in ('float32', 'int8'):
+                    gen = ctranslate2_model(tmp, ct, threads)
+                    rows[f'ctranslate2 {ct}'] = _best(ctranslate2_decode(gen, prompts, new),
+                                                      repeats)
         print(f'\nbatch {b}: bandwidth {bw / 1e9:.1f} GB/s, bound {bound:.1f} tokens/s')
         plain = rows[f'ours xla={best_jit}']
         for name, t in rows.items():
@@ -119,6 +172,9 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
                 extra += f'  {rows[peer] / t:.2f}x HF'
             if name.startswith('palimpsest'):
                 extra += f'  {plain / t:.0%} of plain'
+            if name in ('ours bf16', 'ours int8') and 'ctranslate2 int8' in rows:
+                extra += (f'  {rows["huggingface bf16"] / t:.2f}x HF-bf16'
+                          f'  {rows["ctranslate2 int8"] / t:.2f}x CT2-int8')
             print(f'  {name:28s} {tps:7.1f} tokens/s  {tps / bound:5.0%} of bound{extra}')
 
 
