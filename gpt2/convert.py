@@ -171,7 +171,8 @@ def hparams_of(config, source):
                         f'{type(config).__name__}')
     kind = config.get('model_type')
     arch = config.get('architectures') or []
-    if kind != 'gpt2' or not isinstance(arch, list) or any(a not in ARCHITECTURES for a in arch):
+    arch = arch if isinstance(arch, list) else [arch]
+    if kind != 'gpt2' or any(a not in ARCHITECTURES for a in arch):
         raise UserError(f'{source} describes {", ".join(map(str, arch)) or "a model"} '
                         f'(model_type {kind!r}), not GPT-2: only GPT-2-architecture models '
                         f'(model_type gpt2: {", ".join(ARCHITECTURES)}) convert')
@@ -195,7 +196,8 @@ def hparams_of(config, source):
     if problems:
         raise UserError(f'{source}: settings that change GPT-2\'s math, which this toolkit does '
                         f'not compute: {"; ".join(problems)}')
-    return hparams_lib.from_dict(d, source=source)
+    return hparams_lib.from_dict(d, source=f'{source} (read as hparams: n_vocab is vocab_size, '
+                                 'n_ctx n_positions)')
 
 
 def _read_config(hf_dir):
