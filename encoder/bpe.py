@@ -236,7 +236,7 @@ class Encoder:
         return self.decode_bytes([int(i) for i in ids]).decode('utf-8', errors='replace')
 
 
-def _vocab_files(model_dir):
+def vocab_files(model_dir=None):
     """The model folder's own encoder.json/vocab.bpe when it has them, else the shipped ones."""
     if model_dir:
         own = os.path.join(model_dir, 'encoder.json'), os.path.join(model_dir, 'vocab.bpe')
@@ -268,4 +268,4 @@ def _load(encoder_path, vocab_path):
 
 def get_encoder(model_dir=None):
     """The encoder for a model folder (its own vocabulary files if present) or the built-in one."""
-    return _load(*_vocab_files(model_dir))
+    return _load(*vocab_files(model_dir))

@@ -180,14 +180,23 @@ def _check_data_size(prefix, found, dtypes):
 
 def check_names(expected, found, *, source, hparams=None):
     """Raise one UserError listing every missing/unexpected name and shape mismatch."""
-    found = {k: list(v) for k, v in found.items()
+    found = {k: v for k, v in found.items()
              if k.startswith(SCOPE + '/') and not k.endswith(_SLOT_SUFFIXES)}
+    problems = mismatches(expected, found)
+    if not problems:
+        return
+    hint = f' for hparams {hparams.to_dict()}' if hparams else ''
+    raise UserError(f'checkpoint {source} does not match the model{hint}: {problems}. Are the '
+                    'hparams those the checkpoint was trained with?')
+
+
+def mismatches(expected, found):
+    """'2 missing (a, b); 1 unexpected (c); 1 with the wrong shape (d is [3], expected [4])' for
+    two {name: shape} maps, or '' when they agree."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    wrong = [f'{k} is {found[k]}, expected {list(expected[k])}'
+    wrong = [f'{k} is {list(found[k])}, expected {list(expected[k])}'
              for k in sorted(set(expected) & set(found)) if list(found[k]) != list(expected[k])]
-    if not (missing or unexpected or wrong):
-        return
     parts = []
     if missing:
         parts.append(f'{len(missing)} missing ({_some(missing)})')
@@ -195,9 +204,7 @@ def check_names(expected, found, *, source, hparams=None):
         parts.append(f'{len(unexpected)} unexpected ({_some(unexpected)})')
     if wrong:
         parts.append(f'{len(wrong)} with the wrong shape ({_some(wrong)})')
-    hint = f' for hparams {hparams.to_dict()}' if hparams else ''
-    raise UserError(f'checkpoint {source} does not match the model{hint}: ' + '; '.join(parts)
-                    + '. Are the hparams those the checkpoint was trained with?')
+    return '; '.join(parts)
 
 
 def save_params(params, prefix, *, hparams=None, update_state=True):

@@ -118,7 +118,7 @@ def test_learned_words_pass_to_another_encoder(monkeypatch):
     # there without running BPE again.
     from encoder import bpe
     text = 'Antidisestablishmentarianism, naïveté and 北京 in one sentence.'
-    first, second = (bpe._load.__wrapped__(*bpe._vocab_files(None)) for _ in range(2))
+    first, second = (bpe._load.__wrapped__(*bpe.vocab_files(None)) for _ in range(2))
     count = first.word_count
     expected = first.encode(text)
     learned = first.words_since(count)
