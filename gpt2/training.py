@@ -20,6 +20,7 @@ from gpt2 import model
 from gpt2 import novelty
 from gpt2 import optim
 from gpt2 import paths
+from gpt2 import runlog
 from gpt2 import runs
 from gpt2 import sampling
 from gpt2.errors import UserError
@@ -218,6 +219,7 @@ def run(s):
     step, avg = runs.resume(s, state, samplers, prefix)
 
     def save():
+        log.sync()  # a checkpoint never exists without the log lines that led to it
         return runs.save(state, os.path.join(run_dir, f'model-{step}'),
                          runs.meta(s, step, samplers, avg, hp), keep=s.max_checkpoints,
                          keep_optimizer_state=s.keep_optimizer_state)
@@ -232,6 +234,7 @@ def run(s):
     tokens = s.batch_size * s.accumulate_gradients * seq
     bar = tqdm.tqdm(total=total, initial=step, disable=not s.progress, dynamic_ncols=True,
                     unit='step')
+    log = runlog.Log(run_dir, step)
     try:
         with _Stop() as stop, writer.as_default():
             while (total is None or step < total) and stop.signal is None:
@@ -255,6 +258,14 @@ def run(s):
                 bar.update(1)
                 bar.set_postfix_str(f'step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} '
                                     f'tok/s={rate:.0f}')
+                record = {'step': step, 'loss': loss, 'learning_rate': lr,
+                          'tokens_per_second': rate}
+                if val_batches and step % s.val_every == 0:
+                    val = float(np.mean([eval_step(state.params, b) for b in val_batches]))
+                    _scalar('val_loss', val, step=step)
+                    bar.write(f'step {step}: validation loss {val:.4f}')
+                    record['val_loss'] = val
+                log.write(record)
                 if s.save_every and step % s.save_every == 0:
                     last = saved = save()
                     writer.flush()
@@ -262,10 +273,6 @@ def run(s):
                     _samples(hp, state, enc, os.path.join(s.sample_dir, s.run_name,
                                                           f'samples-{step}'),
                              num=s.sample_num, length=s.sample_length, seed=s.seed + step)
-                if val_batches and step % s.val_every == 0:
-                    val = float(np.mean([eval_step(state.params, b) for b in val_batches]))
-                    _scalar('val_loss', val, step=step)
-                    bar.write(f'step {step}: validation loss {val:.4f}')
             if losses and saved != os.path.join(run_dir, f'model-{step}'):
                 last = save()
             if stop.signal is not None:
@@ -273,6 +280,7 @@ def run(s):
     finally:
         bar.close()
         writer.flush()
+        log.close()
     return {'step': step, 'prefix': last, 'losses': losses, 'run_dir': run_dir}
 
 
