@@ -51,7 +51,8 @@ def train(dataset=None, **flags):
       --val_dataset PATH  --val_every N (0 = never)  --val_batch_size N (2)
       --val_batch_count N (40)
       --progress / --noprogress the tqdm bar
-    TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second) go to the run folder.
+    TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second) go to the run folder,
+    and the same values, a line per step, to its log.jsonl (which sample.py atlas reads).
     """
     training.run(settings.TrainSettings.from_flags(dataset=dataset, **flags))
 
