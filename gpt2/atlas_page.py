@@ -66,11 +66,13 @@ def _percent(part, whole):
     return f'{part}/{whole} ({100 * part / whole:.1f}%)' if whole else f'{part}/{whole} (n/a)'
 
 
-def _ticks(lo, hi, n=5):
-    """Round tick values covering [lo, hi], about n of them, and how many decimals to print."""
+def _ticks(lo, hi, n=5, *, whole=False):
+    """Round tick values covering [lo, hi], about n of them (whole numbers with `whole`), and
+    how many decimals to print."""
     step = (hi - lo) / n if hi > lo else 1.0
     mag = 10 ** math.floor(math.log10(step))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= step * (1 - 1e-9))
+    step = max(step, 1) if whole else step
     first = math.ceil(lo / step - 1e-9) * step
     count = int(math.floor((hi - first) / step + 1e-9)) + 1
     return [first + i * step for i in range(count)], max(0, -math.floor(math.log10(step)))
@@ -96,6 +98,8 @@ class _Frame:
         return f'{self.x(x):.1f},{self.y(y):.1f}'
 
     def axes(self, x_label, y_label, *, x_ticks=None, y_suffix=''):
+        """Gridlines and labels; x ticks are whole numbers (steps) unless `x_ticks` names
+        them [(value, label)]."""
         parts = []
         ys, yd = _ticks(self.y0, self.y1)
         for v in ys:
@@ -104,7 +108,7 @@ class _Frame:
                          f'y2="{y:.1f}"/><text x="{LEFT - 6}" y="{y + 4:.1f}" '
                          f'text-anchor="end">{v:.{yd}f}{y_suffix}</text>')
         if x_ticks is None:
-            xs, xd = _ticks(self.x0, self.x1, 8)
+            xs, xd = _ticks(self.x0, self.x1, 8, whole=True)
             x_ticks = [(v, f'{v:.{xd}f}') for v in xs]
         for v, label in x_ticks:
             parts.append(f'<text x="{self.x(v):.1f}" y="{HEIGHT - BOTTOM + 16}" '

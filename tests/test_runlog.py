@@ -7,6 +7,7 @@ import pytest
 
 from gpt2 import runlog
 from gpt2 import training
+from tests.test_training import _scalars  # TensorBoard's event files, read back
 
 TB_TAGS = ('loss', 'learning_rate', 'val_loss')
 
@@ -32,7 +33,6 @@ def _without_rates(records):
 def test_a_line_per_step_with_the_tensorboard_values(tmp_path, tiny):
     """Breaks caught (each seen): the val loss written on the step after it was measured, the
     base learning rate logged instead of the scheduled one."""
-    from tests.test_training import _scalars
     out = _train(tmp_path, tiny, steps=5, save_every=2, warmup_steps=4)
     logged = runlog.read(out['run_dir'])
     assert [r['step'] for r in logged] == [1, 2, 3, 4, 5]
