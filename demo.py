@@ -1,4 +1,5 @@
-"""The whole journey offline on a CPU: a corpus, encode, train from scratch, sample, palimpsest.
+"""The whole journey offline on a CPU: a corpus, encode, train from scratch, sample, palimpsest,
+novelty, and the atlas of the run.
 
 Every stage runs the real script in a subprocess and prints its command first, so each one can be
 copied and run again by hand.
@@ -41,7 +42,8 @@ def main(corpus=None, out=OUT, steps=1200, save_every=300, hparams='tiny', batch
     With no --corpus, the Python documentation that ships inside CPython is the corpus. Outputs:
     OUT/corpus.npz, OUT/checkpoint/demo/model-STEP.* (OpenAI's format), OUT/samples/ (samples
     written during training, unconditional and prompted samples, the palimpsest with its JSON
-    of spans, and the samples with lines copied from the corpus marked).
+    of spans, the samples with lines copied from the corpus marked, and atlas.html: the run's
+    loss, samples and memorisation at a glance).
 
     Args:
         corpus: text files, folders or globs to train on (comma-separated); default: Python docs.
@@ -84,8 +86,12 @@ def main(corpus=None, out=OUT, steps=1200, save_every=300, hparams='tiny', batch
                         '--top_k', 40, '--seed', seed, '--samples_dir', samples])
     _run('novelty', ['sample.py', 'novelty', '--corpus', ','.join(corpus), '--samples', uncond,
                      '--mode', 'mark', '--output', os.path.join(samples, 'unconditional.marked.txt')])
+    atlas = os.path.join(samples, 'atlas.html')
+    _run('atlas', ['sample.py', 'atlas', *common, '--prompt', PROMPT, '--nsamples', 2,
+                   '--length', length, '--top_k', 40, '--seed', seed, '--output', atlas])
     print(f'\nDone in {time.time() - began:.0f} s. Checkpoints: {ckpt_dir}/{RUN_NAME}/; '
-          f'samples: {samples}/ (training samples in {samples}/{RUN_NAME}/).')
+          f'samples: {samples}/ (training samples in {samples}/{RUN_NAME}/).\n'
+          f'The atlas of the run: {atlas} (open it in a browser)')
 
 
 if __name__ == '__main__':

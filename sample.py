@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Sample from GPT-2: unconditional, prompted, interactive; score a text; the palimpsest sampler."""
+"""Sample from GPT-2: unconditional, prompted, interactive; score a text; the palimpsest sampler;
+the atlas of a run."""
 import datetime
 import os
 import sys
@@ -8,6 +9,7 @@ from gpt2 import cli
 
 cli.quiet_tensorflow()
 
+from gpt2 import atlas as atlas_lib  # noqa: E402
 from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
 from gpt2 import fast, paths, precision, prompts, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
@@ -68,7 +70,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
            top_p=sampling.DEFAULT_TOP_P, repetition_penalty=sampling.DEFAULT_PENALTY, seed=None,
            stop=None, include_prompt=False, output=None, quiet=False, xla=True, dtype='fp32',
            novel_against=None, novel_mode='mark', ngram=novelty_lib.DEFAULT_NGRAM):
-    """Generate text. Subcommands: `sample.py score|palimpsest|novelty --help`.
+    """Generate text. Subcommands: `sample.py score|palimpsest|novelty|atlas --help`.
 
     Args:
         model_name: sample from MODELS_DIR/NAME (default 124M).
@@ -285,7 +287,8 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
 
 
 # Subcommands beside the default sampling.
-COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty_lib.run}
+COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty_lib.run,
+            'atlas': atlas_lib.run}
 
 
 def entry(argv=None):

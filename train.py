@@ -57,7 +57,8 @@ def train(dataset=None, **flags):
       --val_batch_count N (40)
       --progress / --noprogress the tqdm bar
     TensorBoard scalars (loss, val_loss, learning_rate, tokens_per_second; loss_scale and
-    skipped_steps with fp16) go to the run folder.
+    skipped_steps with fp16) go to the run folder, and the same values, a line per step, to its
+    log.jsonl (which sample.py atlas reads).
     """
     training.run(settings.TrainSettings.from_flags(dataset=dataset, **flags))
 

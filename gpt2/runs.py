@@ -125,6 +125,17 @@ def drop_slots(prefix):
     return True
 
 
+def load_meta(prefix):
+    """The meta (step, datasets, seed, ...) of a checkpoint's sidecar, without reading its
+    optimizer slots (an .npz member is read only when asked for); None when it has none or it
+    cannot be read."""
+    try:
+        with np.load(sidecar_path(prefix)) as z:
+            return json.loads(str(z['__meta__']))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def load_state(prefix):
     """(meta, slot arrays) from a checkpoint's sidecar, or (None, None) when it has none (a model
     from download_model.py, or a checkpoint from another trainer). A sidecar whose slots were

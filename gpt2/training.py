@@ -21,6 +21,7 @@ from gpt2 import novelty
 from gpt2 import optim
 from gpt2 import paths
 from gpt2 import precision as precision_lib
+from gpt2 import runlog
 from gpt2 import runs
 from gpt2 import sampling
 from gpt2.errors import UserError
@@ -262,6 +263,7 @@ def run(s):
     skipped = state.scaler_state()['skipped']
 
     def save():
+        log.sync()  # a checkpoint never exists without the log lines that led to it
         return runs.save(state, os.path.join(run_dir, f'model-{step}'),
                          runs.meta(s, step, samplers, avg, hp, state), keep=s.max_checkpoints,
                          keep_optimizer_state=s.keep_optimizer_state)
@@ -276,6 +278,7 @@ def run(s):
     tokens = s.batch_size * s.accumulate_gradients * seq
     bar = tqdm.tqdm(total=total, initial=step, disable=not s.progress, dynamic_ncols=True,
                     unit='step')
+    log = runlog.Log(run_dir, step)
     try:
         with _Stop() as stop, writer.as_default():
             while (total is None or step < total) and stop.signal is None:
@@ -311,6 +314,16 @@ def run(s):
                 bar.update(1)
                 bar.set_postfix_str(f'step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} '
                                     f'tok/s={rate:.0f}{note}')
+                record = {'step': step, 'loss': loss, 'learning_rate': lr,
+                          'tokens_per_second': rate}
+                if scaler:
+                    record.update(loss_scale=scaler['scale'], skipped_steps=skipped)
+                if val_batches and step % s.val_every == 0:
+                    val = float(np.mean([eval_step(state.params, b) for b in val_batches]))
+                    _scalar('val_loss', val, step=step)
+                    bar.write(f'step {step}: validation loss {val:.4f}')
+                    record['val_loss'] = val
+                log.write(record)
                 if s.save_every and step % s.save_every == 0:
                     last = saved = save()
                     writer.flush()
@@ -318,10 +331,6 @@ def run(s):
                     _samples(hp, state, enc, os.path.join(s.sample_dir, s.run_name,
                                                           f'samples-{step}'),
                              num=s.sample_num, length=s.sample_length, seed=s.seed + step)
-                if val_batches and step % s.val_every == 0:
-                    val = float(np.mean([eval_step(state.params, b) for b in val_batches]))
-                    _scalar('val_loss', val, step=step)
-                    bar.write(f'step {step}: validation loss {val:.4f}')
             if losses and saved != os.path.join(run_dir, f'model-{step}'):
                 last = save()
             if stop.signal is not None:
@@ -329,6 +338,7 @@ def run(s):
     finally:
         bar.close()
         writer.flush()
+        log.close()
     return {'step': step, 'prefix': last, 'losses': losses, 'run_dir': run_dir}
 
 

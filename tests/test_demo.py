@@ -19,9 +19,14 @@ def test_demo_runs_every_stage_and_its_outputs_load(tmp_path):
          '--batch_size', '2', '--seq_len', '16', '--length', '8'],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for stage in ('encode', 'train from scratch', 'sample', 'palimpsest', 'novelty'):
+    for stage in ('encode', 'train from scratch', 'sample', 'palimpsest', 'novelty', 'atlas'):
         assert f'== {stage}' in done.stdout
     assert 'Done in' in done.stdout
+    atlas = out / 'samples' / 'atlas.html'
+    assert done.stdout.rstrip().endswith(f'The atlas of the run: {atlas} (open it in a browser)')
+    page = atlas.read_text(encoding='utf-8')
+    # Both checkpoints at the three default temperatures; the prompt's quotes escaped.
+    assert page.count('<td class="cell"') == 6 and 'The &quot;for&quot; statement' in page
 
     chunks = dataset.load_npz(str(out / 'corpus.npz'))
     assert sum(len(c) for c in chunks) > 50_000 and all(c.max() < 50257 for c in chunks)
