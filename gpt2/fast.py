@@ -179,13 +179,13 @@ def for_decoding(params, dtype='fp32'):
         w_t, scale = narrow(tf.transpose(tf.convert_to_tensor(p['w'], tf.float32)[0]))
         return {'w_t': w_t, 'b': p['b'], **({} if scale is None else {'scale': scale})}
 
-    table, scale = narrow(tf.convert_to_tensor(params['wte'], tf.float32))
-    wte = table if dtype == 'fp32' else {'table': table, **({} if scale is None else
-                                                            {'scale': scale})}
-    tree = dict(params, wte=wte, h=[
-        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
-             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
-    return _tensors(tree)
+    def wte(w):
+        table, scale = narrow(tf.convert_to_tensor(w, tf.float32))
+        if dtype == 'fp32':
+            return table
+        return {'table': table, **({} if scale is None else {'scale': scale})}
+
+    return _tensors(precision.map_matrices(params, conv1d, wte))
 
 
 def _tensors(tree):

@@ -38,10 +38,15 @@ def compute_copy(params, name):
     c = COMPUTE[check_precision(name)]
     if c == tf.float32:
         return params
+    return map_matrices(params, lambda p: dict(p, w=tf.cast(p['w'], c)),
+                        lambda wte: tf.cast(wte, c))
 
-    def conv1d(p):
-        return dict(p, w=tf.cast(p['w'], c))
-    return dict(params, wte=tf.cast(params['wte'], c), h=[
+
+def map_matrices(params, conv1d, wte):
+    """The tree with each conv1d {'w', 'b'} replaced by conv1d(it) and wte by wte(it), the other
+    leaves as they are: the one walk over the matrices that the copies of this module and
+    fast.for_decoding make."""
+    return dict(params, wte=wte(params['wte']), h=[
         dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
              mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
 
@@ -86,9 +91,7 @@ def rounded(params, dtype):
         w = tf.convert_to_tensor(p['w'], tf.float32)[0]
         return dict(p, w=tf.transpose(round_matrix(tf.transpose(w), dtype))[None])
 
-    return dict(params, wte=round_matrix(params['wte'], dtype), h=[
-        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
-             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
+    return map_matrices(params, conv1d, lambda wte: round_matrix(wte, dtype))
 
 
 def copy_bytes(spec, dtype):
@@ -97,27 +100,14 @@ def copy_bytes(spec, dtype):
     float32 scale per output channel; the rest 4."""
     item = {'fp32': 4, 'bf16': 2, 'int8': 1}[check_dtype(dtype)]
 
-    def matrix(shape):  # conv1d [1, nx, nf] has nf output channels, wte [n_vocab, n_embd] n_vocab
-        n = int(np.prod(shape))
-        channels = shape[-1] if len(shape) == 3 else shape[0]
-        return n * item + (4 * channels if dtype == 'int8' else 0)
+    def matrix(shape, channels):
+        return int(np.prod(shape)) * item + (4 * channels if dtype == 'int8' else 0)
 
-    total = matrix(spec['wte'].shape)
-    for name, leaf in _leaves(spec):
-        if name != 'wte':
-            total += matrix(leaf.shape) if name.endswith('/w') else 4 * int(np.prod(leaf.shape))
-    return total
-
-
-def _leaves(tree, path=''):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, f'{path}/{k}' if path else k)
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, f'{path}/{i}')
-    else:
-        yield path, tree
+    # conv1d w [1, nx, nf] has nf output channels, wte [n_vocab, n_embd] n_vocab
+    sizes = map_matrices(spec, lambda p: dict(p, w=matrix(p['w'].shape, p['w'].shape[-1])),
+                         lambda wte: matrix(wte.shape, wte.shape[0]))
+    return sum(x if isinstance(x, int) else 4 * int(np.prod(x.shape))
+               for x in tf.nest.flatten(sizes))
 
 
 def nbytes(tree):
