@@ -7,6 +7,7 @@ one-row product's output channels (the greedy tokens differ), bf16 truncated rat
 in rounded() (fast against plain 9.8e-3 apart), and the decode loop's conversions left for XLA to
 hoist each fail."""
 import collections
+import json
 import os
 
 import numpy as np
@@ -393,6 +394,10 @@ def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tin
           f'{meta["loss_scale"]["scale"]:g}')
     assert 1 <= skipped < 8 and meta['loss_scale']['scale'] < 2.0 ** 21
     assert _scalars(whole['run_dir'])['skipped_steps'][8] == skipped
+    with open(os.path.join(whole['run_dir'], 'log.jsonl')) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert last['step'] == 8 and last['skipped_steps'] == skipped
+    assert last['loss_scale'] == meta['loss_scale']['scale']
     reader = tf.train.load_checkpoint(whole['prefix'])
     assert {reader.get_variable_to_dtype_map()[k] for k in reader.get_variable_to_dtype_map()
             } == {tf.float32}
@@ -405,3 +410,14 @@ def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tin
 def test_bad_precision_is_one_line(tmp_path, tiny):
     with pytest.raises(precision_lib.errors.UserError, match="unknown --precision 'fp8'"):
         _run(tmp_path, tiny, 1, 'x', precision='fp8')
+
+
+def test_low_precision_trains_on_tfs_kernels_on_a_cpu(tiny):
+    """Unless told, bf16 and fp16 leave XLA out of the step where there is no GPU (XLA's CPU
+    backend widens their products), and fp32 keeps it."""
+    from gpt2 import settings
+    gpu = bool(tf.config.list_physical_devices('GPU'))
+    made = {p: settings.TrainSettings(dataset='x.npz', precision=p).jit_compile
+            for p in precision_lib.PRECISIONS}
+    assert made == {'fp32': True, 'bf16': gpu, 'fp16': gpu}
+    assert settings.TrainSettings(dataset='x.npz', precision='bf16', jit_compile=True).jit_compile
