@@ -38,6 +38,9 @@ def train(dataset=None, **flags):
       --weight_decay WD         on matrices and embeddings only (default 0.01 for adamw, else 0)
       --max_grad_norm X         clip the global gradient norm to X
       --memory_saving_gradients recompute each block during backprop (less memory, ~1/3 slower)
+      --layerwise               backprop a block at a time and apply its update at once, so the
+                                whole model's gradients never exist (recomputes as above; not
+                                with --max_grad_norm or fp16); README "Memory" has the figures
       --only_train_transformer_layers   freeze wte, wpe and ln_f
       --noise P                 replace each input token by a random one with probability P
       --seed N                  weights (from scratch), data order and noise (0)

@@ -265,6 +265,12 @@ def cross_entropy(h, wte, targets):
 def loss(hparams, params, inputs, targets, *, block_fn=block):
     """inputs, targets [batch, seq] -> the mean next-token cross-entropy of predicting targets."""
     h, _ = hidden(hparams, params, inputs, block_fn=block_fn)
+    return head_loss(hparams, params, h, targets)
+
+
+def head_loss(hparams, params, h, targets):
+    """The last block's output h [batch, seq, n_embd], targets [batch, seq] -> the mean
+    cross-entropy of the targets under head(h) (ln_f and wte are all of `params` it reads)."""
     h = tf.reshape(norm(h, params['ln_f']), [-1, hparams.n_embd])
     return cross_entropy(h, params['wte'], tf.reshape(targets, [-1]))
 

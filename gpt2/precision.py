@@ -42,13 +42,24 @@ def compute_copy(params, name):
                         lambda wte: tf.cast(wte, c))
 
 
+def compute_block_copy(p, name):
+    """compute_copy for one block's subtree p (training layer by layer casts a block at a
+    time, so only one block's low-precision copy exists at once)."""
+    c = COMPUTE[check_precision(name)]
+    return p if c == tf.float32 else map_block(p, lambda q: dict(q, w=tf.cast(q['w'], c)))
+
+
 def map_matrices(params, conv1d, wte):
     """The tree with each conv1d {'w', 'b'} replaced by conv1d(it) and wte by wte(it), the other
     leaves as they are: the one walk over the matrices that the copies of this module and
     fast.for_decoding make."""
-    return dict(params, wte=wte(params['wte']), h=[
-        dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
-             mlp={k: conv1d(v) for k, v in p['mlp'].items()}) for p in params['h']])
+    return dict(params, wte=wte(params['wte']), h=[map_block(p, conv1d) for p in params['h']])
+
+
+def map_block(p, conv1d):
+    """One block's subtree with each of its conv1d {'w', 'b'} replaced by conv1d(it)."""
+    return dict(p, attn={k: conv1d(v) for k, v in p['attn'].items()},
+                mlp={k: conv1d(v) for k, v in p['mlp'].items()})
 
 
 def check_dtype(dtype):

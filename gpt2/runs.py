@@ -88,7 +88,9 @@ def save(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
     """
     checkpoint.save_params(state.params, prefix, hparams=state.hparams, update_state=False)
     folder = os.path.dirname(prefix) or '.'
-    slots = state.slot_arrays()
+    # The variables themselves: np.savez turns each into an array only as it writes it, so the
+    # slots are not copied all at once (for Adam, twice the weights).
+    slots = state.slot_variables()
     paths.write_file(sidecar_path(prefix), lambda f: np.savez(
         f, __meta__=np.array(json.dumps(meta)), **slots))
     checkpoint.write_state(folder, prefix, keep=keep)
@@ -136,17 +138,18 @@ def load_meta(prefix):
         return None
 
 
-def load_state(prefix):
+def load_state(prefix, *, slots=True):
     """(meta, slot arrays) from a checkpoint's sidecar, or (None, None) when it has none (a model
     from download_model.py, or a checkpoint from another trainer). A sidecar whose slots were
-    dropped (drop_slots) gives meta['slots_dropped'] True and no slot arrays."""
+    dropped (drop_slots) gives meta['slots_dropped'] True and no slot arrays; without `slots`
+    they are not read (None)."""
     path = sidecar_path(prefix)
     if not os.path.isfile(path):
         return None, None
     try:
         with np.load(path) as z:
             meta = json.loads(str(z['__meta__']))
-            slots = {k: z[k] for k in z.files if k != '__meta__'}
+            slots = {k: z[k] for k in z.files if k != '__meta__'} if slots else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f'{path} is not a readable training state: {e}; delete it to resume '
                         'with a fresh optimizer') from None
@@ -201,7 +204,7 @@ def meta(s, step, samplers, avg, hparams, state):
 def resume(s, state, samplers, prefix):
     """Put the training state saved beside `prefix` into `state` and `samplers` (each where it
     can: another optimizer or other datasets start afresh, with a note) -> (step, avg loss)."""
-    saved, slots = load_state(prefix) if prefix else (None, None)
+    saved, _ = load_state(prefix, slots=False) if prefix else (None, None)
     if saved is None:
         own = prefix and os.path.dirname(prefix) == folder(s).rstrip('/')
         return (checkpoint.step_of(prefix) or 0) if own else 0, [0.0, 0.0]
@@ -212,7 +215,13 @@ def resume(s, state, samplers, prefix):
                         'a run does, unless --keep_optimizer_state all); the optimizer starts '
                         'afresh, the step and data position resume')
     elif same:
-        state.set_slots(slots)
+        # Read a member at a time into its variable (not every slot first, then the variables).
+        try:
+            with np.load(sidecar_path(prefix)) as z:
+                state.set_slots(z)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f'{sidecar_path(prefix)} is not a readable training state: {e}; '
+                            'delete it to resume with a fresh optimizer') from None
     else:
         tqdm.tqdm.write(f'note: {prefix} was trained with --optimizer {saved["optimizer"]}; '
                         'starting the optimizer state afresh')

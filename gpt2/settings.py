@@ -41,6 +41,7 @@ class TrainSettings:
     max_grad_norm: float = None
     accumulate_gradients: int = 1
     memory_saving_gradients: bool = False
+    layerwise: bool = False           # training.make_layerwise_step: no whole-model gradients
     only_train_transformer_layers: bool = False
     noise: float = 0.0
     sample_every: int = 100
@@ -107,6 +108,14 @@ class TrainSettings:
         errors.check_choice('keep_optimizer_state', self.keep_optimizer_state, (LATEST, ALL),
                             note=f'{LATEST}: the newest checkpoint keeps the optimizer state; '
                                  f'{ALL}: every checkpoint')
+        if self.layerwise and self.max_grad_norm:
+            raise UserError('--layerwise applies each block\'s update before the next block\'s '
+                            'gradient exists, so it cannot clip by the global norm: drop '
+                            '--max_grad_norm or --layerwise')
+        if self.layerwise and self.precision == 'fp16':
+            raise UserError('--layerwise cannot skip a step whose fp16 gradients overflow (its '
+                            'first blocks are updated before the last are checked): use '
+                            '--precision bf16 with it')
         if self.jit_compile is None:
             object.__setattr__(self, 'jit_compile', fast.compiles_train_step(self.precision))
         if self.weight_decay is None:

@@ -57,12 +57,15 @@ class TrainState:
     """The trainable state as variables: `params` (the model tree), `slots` ({checkpoint name:
     {slot: variable}} for the trained leaves only) and `names` (the trained leaves)."""
 
-    def __init__(self, hparams, params, optimizer, *, only_transformer=False):
+    def __init__(self, hparams, params, optimizer, *, only_transformer=False, consume=False):
         self.hparams = hparams
         self.optimizer = optimizer
         self.rule = optim.get_optimizer(optimizer)
-        self.params = tf.nest.map_structure(
-            lambda a: tf.Variable(a, dtype=tf.float32, trainable=False), params)
+        # With `consume`, each leaf of `params` is dropped from it once its variable holds a
+        # copy, so the weights never exist twice (at 1558M, 6.2 GB that would count at the peak).
+        self.params = checkpoint.unflatten(
+            {k: tf.Variable(v, dtype=tf.float32, trainable=False)
+             for k, v in _leaves(params, consume)}, hparams)
         flat = checkpoint.flatten(self.params)
         # nshepperd's --only_train_transformer_layers: the blocks (/h), not wte, wpe or ln_f.
         self.names = sorted(k for k in flat if not only_transformer or k.startswith('model/h'))
@@ -81,21 +84,50 @@ class TrainState:
         for k, v in values.items():
             self.scaler[k].assign(v)
 
+    def slot_variables(self):
+        """{'slot/<slot>/<name>': variable}, the optimizer state as saved in the sidecar."""
+        return {f'slot/{s}/{k}': v for k, d in self.slots.items() for s, v in d.items()}
+
     def slot_arrays(self):
-        """{'slot/<slot>/<name>': array}, the optimizer state as saved in the sidecar."""
-        return {f'slot/{s}/{k}': v.numpy() for k, d in self.slots.items() for s, v in d.items()}
+        """slot_variables() as NumPy arrays (a copy of them all at once)."""
+        return {k: v.numpy() for k, v in self.slot_variables().items()}
 
     def set_slots(self, arrays):
-        """Load slot_arrays() output; raises UserError on missing names or wrong shapes."""
-        want = self.slot_arrays()
-        bad = [k for k in want if k not in arrays or arrays[k].shape != want[k].shape]
-        if bad:
-            raise UserError(f'optimizer state does not match this run ({len(bad)} slots missing or '
-                            f'of another shape, e.g. {bad[0]}); resume with the same --optimizer '
-                            'and --only_train_transformer_layers, or --restore_from fresh')
-        for k, d in self.slots.items():
-            for s, v in d.items():
-                v.assign(arrays[f'slot/{s}/{k}'])
+        """Load slot_arrays() output (a dict, or an open .npz read one member at a time); raises
+        UserError on missing names or wrong shapes."""
+        want = self.slot_variables()
+        missing = [k for k in want if k not in arrays]
+        for k, v in want.items():
+            a = None if missing else arrays[k]
+            if missing or a.shape != tuple(v.shape):
+                bad = (missing or [k])[0]
+                raise UserError(f'optimizer state does not match this run ({len(missing) or 1} '
+                                f'slots missing or of another shape, e.g. {bad}); resume with the '
+                                'same --optimizer and --only_train_transformer_layers, or '
+                                '--restore_from fresh')
+            v.assign(a)
+
+
+def _leaves(params, consume):
+    """(checkpoint name, leaf) for each leaf of the tree, dropping each from the tree as it is
+    handed out when `consume` is set."""
+    flat = checkpoint.flatten(params)
+    if consume:
+        _clear(params)   # the tree's own references; `flat` holds the only ones left
+    for k in sorted(flat):
+        yield k, flat.pop(k) if consume else flat[k]
+
+
+def _clear(tree):
+    if isinstance(tree, dict):
+        for k, v in list(tree.items()):
+            if isinstance(v, (dict, list)):
+                _clear(v)
+            else:
+                tree[k] = None
+    elif isinstance(tree, list):
+        for v in tree:
+            _clear(v)
 
 
 def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_norm=None,
@@ -112,17 +144,12 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
     rule = optim.get_optimizer(optimizer)
     scaled = precision_lib.check_precision(precision) == 'fp16'
 
+    apply = _make_apply(rule, weight_decay)
+
     @tf.function(jit_compile=jit_compile)
     def step(params, slots, scaler, windows, lr, t, seed):
         names = sorted(slots)
-        inputs = windows[:, :, :-1]
-        if noise:
-            # nshepperd's --noise: replace input tokens (never targets) at random with any token.
-            shape = tf.shape(inputs)
-            hit = tf.random.stateless_uniform(shape, seed) < noise
-            rand = tf.random.stateless_uniform(shape, seed + 1, maxval=hparams.n_vocab,
-                                               dtype=tf.int32)
-            inputs = tf.where(hit, rand, inputs)
+        inputs = _noised(windows[:, :, :-1], seed, noise, hparams.n_vocab)
         n = windows.shape[0]
         scale = scaler['scale'].read_value() if scaled else None
         kw = dict(names=names, recompute=recompute, precision=precision, loss_scale=scale)
@@ -143,24 +170,10 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
             _update_scale(scaler, applied)
         if max_grad_norm:
             grads, _ = tf.clip_by_global_norm(grads, max_grad_norm)
-        apply(params, slots, dict(zip(names, grads)), lr, t, applied if scaled else True)
-        return loss
-
-    @tf.function(jit_compile=True)
-    def apply(params, slots, grads, lr, t, applied):
-        # The update is elementwise over every weight and slot: XLA runs it as one pass over
-        # memory, also when the products above run on TF's kernels.
         flat = checkpoint.flatten(params)
-        for k, g in sorted(grads.items()):
-            wd = weight_decay if optim.decays(k) else 0.0
-            old = {a: v.read_value() for a, v in slots[k].items()}
-            p, s = rule.update(g, flat[k].read_value(), old, lr, t, wd)
-            if scaled:  # an overflowing step leaves the weights and slots as they were
-                p = tf.where(applied, p, flat[k].read_value())
-                s = {a: tf.where(applied, v, old[a]) for a, v in s.items()}
-            flat[k].assign(p)
-            for a, v in s.items():
-                slots[k][a].assign(v)
+        apply({k: flat[k] for k in names}, slots, dict(zip(names, grads)), lr, t,
+              applied if scaled else None, {k: optim.decays(k) for k in names})
+        return loss
 
     def call(state, windows, lr, t, seed):
         return step(state.params, state.slots, state.scaler, tf.constant(windows, tf.int32),
@@ -172,6 +185,170 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
         step.experimental_get_compiler_ir(
             state.params, state.slots, state.scaler, tf.constant(windows, tf.int32),
             tf.constant(1e-4), tf.constant(1.0), tf.constant([0, 0]))(stage=stage))
+    return call
+
+
+def _noised(inputs, seed, noise, n_vocab):
+    """nshepperd's --noise: input tokens (never targets) replaced at random by any token, with
+    probability `noise`, drawn statelessly from `seed` [2]."""
+    if not noise:
+        return inputs
+    shape = tf.shape(inputs)
+    hit = tf.random.stateless_uniform(shape, seed) < noise
+    rand = tf.random.stateless_uniform(shape, seed + 1, maxval=n_vocab, dtype=tf.int32)
+    return tf.where(hit, rand, inputs)
+
+
+def _make_apply(rule, weight_decay):
+    """The optimizer's update as one compiled function, apply(leaves, slots, grads, lr, t,
+    applied, decayed) over {name: variable} leaves and their slots: elementwise over every
+    weight and slot, so XLA runs it as one pass over memory, also when the products run on TF's
+    kernels. `decayed` {name: bool} says which leaves take weight decay; with `applied` (a bool
+    tensor, fp16's finite check) an overflowing step leaves the weights and slots as they
+    were."""
+    @tf.function(jit_compile=True)
+    def apply(leaves, slots, grads, lr, t, applied, decayed):
+        for k, g in sorted(grads.items()):
+            wd = weight_decay if decayed[k] else 0.0
+            old = {a: v.read_value() for a, v in slots[k].items()}
+            p, s = rule.update(g, leaves[k].read_value(), old, lr, t, wd)
+            if applied is not None:
+                p = tf.where(applied, p, leaves[k].read_value())
+                s = {a: tf.where(applied, v, old[a]) for a, v in s.items()}
+            leaves[k].assign(p)
+            for a, v in s.items():
+                slots[k][a].assign(v)
+    return apply
+
+
+def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.0,
+                        precision='fp32', jit_compile=True):
+    """A step like make_train_step's (the same call and, to rounding, the same update) that
+    never holds the whole model's gradients: the forward pass keeps each block's input only,
+    then backprop runs the blocks again from the top one at a time and applies each block's
+    update as soon as its gradient exists; wte's (shared by the output layer and the embedding)
+    waits for the embedding's part. Beyond the weights and the optimizer's slots, memory holds
+    one block's activations, gradients and (mixed precision) compute copy, for a third more
+    compute (each block runs twice, as with recompute). Global-norm clipping and fp16's overflow
+    check need every gradient before any update, so they have no place here (settings refuse
+    them). Each piece is compiled once and serves every block."""
+    precision_lib.check_precision(precision)
+    assert precision != 'fp16', 'fp16 skips whole steps; the layerwise step cannot'
+    rule = optim.get_optimizer(optimizer)
+    apply = _make_apply(rule, weight_decay)
+    n_head = hparams.n_head
+
+    def top_copy(leaves):  # wte, wpe and ln_f of the tree, wte in the compute type
+        return precision_lib.compute_copy(dict(leaves, h=[]), precision)
+
+    @tf.function(jit_compile=jit_compile)
+    def forward_block(x, p, mask):
+        p = precision_lib.compute_block_copy(p, precision)
+        return model.block(x, p, n_head=n_head, mask=mask)[0]
+
+    @tf.function(jit_compile=jit_compile)
+    def head(h, top, targets, scale):
+        # -> (loss, d(scale * loss)/dh, the same for ln_f's leaves and wte in the output layer)
+        leaves = tf.nest.map_structure(tf.convert_to_tensor, top)
+        with tf.GradientTape() as tape:
+            tape.watch([h] + tf.nest.flatten(leaves))
+            loss = model.head_loss(hparams, top_copy(leaves), h, targets)
+            scaled = loss * scale
+        dh, grads = tape.gradient(scaled, [h, leaves])
+        return loss, dh, grads
+
+    @tf.function(jit_compile=jit_compile)
+    def embed_grads(top, inputs, dh):
+        # -> the gradients for wte (its rows gathered) and wpe given dh for the first block's input
+        leaves = tf.nest.map_structure(tf.convert_to_tensor, top)
+        with tf.GradientTape() as tape:
+            tape.watch(tf.nest.flatten(leaves))
+            h, _ = model.hidden(hparams, top_copy(leaves), inputs)
+        return tf.nest.map_structure(tf.convert_to_tensor,
+                                     tape.gradient(h, leaves, output_gradients=dh))
+
+    @tf.function(jit_compile=jit_compile)
+    def block_step(xs, dys, p, slots, mask, lr, t, decayed):
+        # xs, dys [micro-batches, batch, seq, n_embd]: a block's inputs and the gradients of its
+        # outputs -> the gradients of its inputs, its update applied (summed over micro-batches).
+        leaves = tf.nest.map_structure(tf.convert_to_tensor, p)
+
+        def grads(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch([x] + tf.nest.flatten(leaves))
+                y = model.block(x, precision_lib.compute_block_copy(leaves, precision),
+                                n_head=n_head, mask=mask)[0]
+            return tape.gradient(y, [x, leaves], output_gradients=dy)
+
+        dx, g = grads(xs[0], dys[0])
+        dxs = [dx]
+        for j in range(1, xs.shape[0]):
+            with tf.control_dependencies(tf.nest.flatten(g)):  # one micro-batch at a time
+                x = tf.identity(xs[j])
+            dx, gj = grads(x, dys[j])
+            dxs.append(dx)
+            g = tf.nest.map_structure(tf.add, g, gj)
+        apply(checkpoint.flatten(p), slots, checkpoint.flatten(g), lr, t, None, decayed)
+        return tf.stack(dxs)
+
+    # (compiled as make_train_step's step is: XLA draws other random numbers than TF's kernels)
+    noised = tf.function(lambda x, seed: _noised(x, seed, noise, hparams.n_vocab),
+                         jit_compile=jit_compile)
+
+    def call(state, windows, lr, t, seed):
+        windows = tf.constant(windows, tf.int32)
+        n = windows.shape[0]
+        inputs = noised(windows[:, :, :-1], tf.constant(seed, tf.int32))
+        lr, t = tf.constant(lr, tf.float32), tf.constant(t, tf.float32)
+        params = state.params
+        top = {k: params[k] for k in ('wte', 'wpe', 'ln_f')}
+        trained = set(state.slots)
+        # The forward pass, one compiled block at a time, keeping each block's input.
+        ins, masks = [], []
+
+        def keep(x, p, *, mask, **_):
+            ins[-1].append(x)
+            masks.append(mask)
+            return forward_block(x, p, mask), None
+        outs = []
+        for j in range(n):
+            ins.append([])
+            h, _ = model.hidden(hparams, dict(top_copy(top), h=params['h']), inputs[j],
+                                block_fn=keep)
+            outs.append(h)
+        loss, dys, g_top = 0.0, [], None
+        for j in range(n):
+            lj, dh, gj = head(outs[j], {'ln_f': top['ln_f'], 'wte': top['wte']},
+                              windows[j, :, 1:], tf.constant(1 / n))
+            loss, g_top = loss + lj, gj if g_top is None else tf.nest.map_structure(
+                tf.add, g_top, gj)
+            dys.append(dh)
+        del outs
+        # Backprop from the top block down, each block's update applied once it has its gradient.
+        for i in reversed(range(hparams.n_layer)):
+            p = params['h'][i]
+            # Keyed by the names within a block ('model/ln_1/g'), so one trace serves them all.
+            full = {k: k.replace('model/', f'model/h{i}/', 1) for k in checkpoint.flatten(p)}
+            slots = {k: state.slots[v] for k, v in full.items()}
+            decayed = {k: optim.decays(v) for k, v in full.items()}
+            xs = tf.stack([ins[j][i] for j in range(n)])
+            for j in range(n):
+                ins[j][i] = None
+            dys = tf.unstack(block_step(xs, tf.stack(dys), p, slots, masks[0], lr, t, decayed))
+        if trained & {'model/wte', 'model/wpe', 'model/ln_f/g', 'model/ln_f/b'}:
+            grads = {'model/ln_f/g': g_top['ln_f']['g'], 'model/ln_f/b': g_top['ln_f']['b'],
+                     'model/wte': g_top['wte']}
+            for j in range(n):
+                ge = embed_grads({'wte': top['wte'], 'wpe': top['wpe']}, inputs[j], dys[j])
+                grads['model/wte'] = grads['model/wte'] + ge['wte']
+                grads['model/wpe'] = ge['wpe'] if j == 0 else grads['model/wpe'] + ge['wpe']
+            flat = checkpoint.flatten(params)
+            apply({k: flat[k] for k in grads}, {k: state.slots[k] for k in grads}, grads, lr, t,
+                  None, {k: optim.decays(k) for k in grads})
+        return loss / n
+
+    pieces = (forward_block, head, embed_grads, block_step)
+    call.tracing_count = lambda: sum(f.experimental_get_tracing_count() for f in pieces)
     return call
 
 
@@ -257,7 +434,8 @@ def run(s):
             s.val_batch_size, s.val_batch_count)
     runs.prepare(s, hp, vocab_dir)
 
-    state = TrainState(hp, params, s.optimizer, only_transformer=s.only_train_transformer_layers)
+    state = TrainState(hp, params, s.optimizer, only_transformer=s.only_train_transformer_layers,
+                       consume=True)
     del params
     step, avg = runs.resume(s, state, samplers, prefix)
     skipped = state.scaler_state()['skipped']
@@ -268,10 +446,15 @@ def run(s):
                          runs.meta(s, step, samplers, avg, hp, state), keep=s.max_checkpoints,
                          keep_optimizer_state=s.keep_optimizer_state)
 
-    train_step = make_train_step(hp, s.optimizer, weight_decay=s.weight_decay,
-                                 max_grad_norm=s.max_grad_norm,
-                                 recompute=s.memory_saving_gradients, noise=s.noise,
-                                 precision=s.precision, jit_compile=s.jit_compile)
+    if s.layerwise:
+        train_step = make_layerwise_step(hp, s.optimizer, weight_decay=s.weight_decay,
+                                         noise=s.noise, precision=s.precision,
+                                         jit_compile=s.jit_compile)
+    else:
+        train_step = make_train_step(hp, s.optimizer, weight_decay=s.weight_decay,
+                                     max_grad_norm=s.max_grad_norm,
+                                     recompute=s.memory_saving_gradients, noise=s.noise,
+                                     precision=s.precision, jit_compile=s.jit_compile)
     eval_step = make_eval_step(hp, jit_compile=s.jit_compile) if val_batches else None
     writer = tf.summary.create_file_writer(run_dir)
     losses, saved, last = [], None, prefix
