@@ -55,11 +55,13 @@ def main():
         f.write(' '.join(f'word{i % 997}' for i in range(20000)))
     print(subprocess.run(['sh', '-c', "lscpu | grep -E 'Model name|^CPU\\(s\\)'"],
                          capture_output=True, text=True).stdout.strip())
+    print(f'memory: {os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30:.1f} GiB')
     print(f'{"model":6} {"options":55} {"peak RSS":>9} {"time":>7}')
     try:
         for i, (name, options) in enumerate(rows):
             run_dir = os.path.join(work, 'checkpoint')
             shutil.rmtree(run_dir, ignore_errors=True)
+
             def cmd(steps):
                 return [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset', data,
                         '--from_scratch', '--hparams', name, '--steps', str(steps),
