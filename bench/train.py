@@ -23,15 +23,20 @@ def _peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None, precision='fp32'):
+def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None, precision='fp32',
+         layerwise=False):
     import numpy as np
     from gpt2 import fast, hparams as hparams_lib, model, training
     if jit_compile is None:   # as train.py decides
         jit_compile = fast.compiles_train_step(precision)
     hp = hparams_lib.PRESETS['124M']
     state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
-    step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
-                                    precision=precision, jit_compile=jit_compile)
+    if layerwise:
+        step = training.make_layerwise_step(hp, 'adamw', weight_decay=0.01, precision=precision,
+                                            jit_compile=jit_compile)
+    else:
+        step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
+                                        precision=precision, jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     windows = lambda: rng.integers(0, hp.n_vocab, [1, batch, seq + 1]).astype(np.int32)  # noqa
     for i in range(warmup):
@@ -103,10 +108,11 @@ def worker(args):
     else:
         # ours: the default step (XLA); ours-recompute: --memory_saving_gradients;
         # ours-noxla: TF's own kernels (--nojit_compile); ours-bf16: --precision bf16 (on a
-        # CPU: TF's kernels), ours-bf16-xla: the same under XLA.
+        # CPU: TF's kernels), ours-bf16-xla: the same under XLA; ours-layerwise: --layerwise.
         tps = ours(batch, seq, steps, warmup, recompute=side == 'ours-recompute',
                    jit_compile={'ours-noxla': False, 'ours-bf16-xla': True}.get(side),
-                   precision='bf16' if side.startswith('ours-bf16') else 'fp32')
+                   precision='bf16' if side.startswith('ours-bf16') else 'fp32',
+                   layerwise=side == 'ours-layerwise')
     print(json.dumps({'value': tps, 'rss': _peak_rss_gib()}))
 
 
@@ -119,7 +125,8 @@ def run(side, batch=0, seq=0, steps=0, warmup=0):
 
 
 def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf'):
-    """--sides from ours, ours-recompute, ours-noxla, ours-bf16, ours-bf16-xla, hf, hf-bf16
+    """--sides from ours, ours-recompute, ours-layerwise, ours-noxla, ours-bf16, ours-bf16-xla,
+    hf, hf-bf16
     (ratios are to hf, and for the bf16 sides also to hf-bf16)."""
     gflops = run('gflops')['value']
     print(f'fp32 matmul rate: {gflops:.0f} GFLOP/s')

@@ -98,6 +98,7 @@ class TrainState:
         UserError on missing names or wrong shapes."""
         want = self.slot_variables()
         missing = [k for k in want if k not in arrays]
+        freed = _Freed()
         for k, v in want.items():
             a = None if missing else arrays[k]
             if missing or a.shape != tuple(v.shape):
@@ -107,6 +108,8 @@ class TrainState:
                                 'same --optimizer and --only_train_transformer_layers, or '
                                 '--restore_from fresh')
             v.assign(a)
+            freed.add(a)
+            del a
 
 
 def _leaves(params, consume):
@@ -115,31 +118,35 @@ def _leaves(params, consume):
     flat = checkpoint.flatten(params)
     if consume:
         _clear(params)   # the tree's own references; `flat` holds the only ones left
-    freed = 0
+    freed = _Freed()
     for k in sorted(flat):
         if not consume:
             yield k, flat[k]
             continue
         leaf = flat.pop(k)
         yield k, leaf
-        freed += getattr(leaf, 'nbytes', 0)
+        freed.add(leaf)
         del leaf
-        if freed >= _TRIM_BYTES:
-            _trim()
-            freed = 0
 
 
-# glibc keeps the freed NumPy leaves in its heap, and TensorFlow's buffers did not reuse them:
-# giving them back to the system every so often keeps the weights from being held twice at the
-# peak (774M: 6.2 GiB at the handover without it, BENCHMARKS.md).
-_TRIM_BYTES = 256 << 20
+class _Freed:
+    """Counts the bytes of NumPy arrays let go and gives them back to the system every 256 MB:
+    glibc keeps freed arrays in its heap, and TensorFlow's buffers did not reuse them, so handing
+    a model's arrays to variables one by one held them twice at the peak (774M: 6.2 GiB at the
+    handover, 4.1 with this; BENCHMARKS.md)."""
+    every = 256 << 20
 
+    def __init__(self):
+        self.bytes = 0
 
-def _trim():
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: nothing to give back this way
-        pass
+    def add(self, array):
+        self.bytes += getattr(array, 'nbytes', 0)
+        if self.bytes >= self.every:
+            self.bytes = 0
+            try:
+                ctypes.CDLL('libc.so.6').malloc_trim(0)
+            except (OSError, AttributeError):   # not glibc: nothing to give back this way
+                pass
 
 
 def _clear(tree):
