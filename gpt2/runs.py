@@ -150,10 +150,17 @@ def load_state(prefix, *, slots=True):
         with np.load(path) as z:
             meta = json.loads(str(z['__meta__']))
             slots = {k: z[k] for k in z.files if k != '__meta__'} if slots else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f'{path} is not a readable training state: {e}; delete it to resume '
-                        'with a fresh optimizer') from None
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from None
     return meta, slots
+
+
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _unreadable(path, e):
+    return UserError(f'{path} is not a readable training state: {e}; delete it to resume with a '
+                     'fresh optimizer')
 
 
 def check_writable(folder):
@@ -219,9 +226,8 @@ def resume(s, state, samplers, prefix):
         try:
             with np.load(sidecar_path(prefix)) as z:
                 state.set_slots(z)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f'{sidecar_path(prefix)} is not a readable training state: {e}; '
-                            'delete it to resume with a fresh optimizer') from None
+        except _UNREADABLE as e:
+            raise _unreadable(sidecar_path(prefix), e) from None
     else:
         tqdm.tqdm.write(f'note: {prefix} was trained with --optimizer {saved["optimizer"]}; '
                         'starting the optimizer state afresh')

@@ -96,17 +96,19 @@ class TrainState:
     def set_slots(self, arrays):
         """Load slot_arrays() output (a dict, or an open .npz read one member at a time); raises
         UserError on missing names or wrong shapes."""
+        def mismatch(n, name):
+            return UserError(f'optimizer state does not match this run ({n} slots missing or of '
+                             f'another shape, e.g. {name}); resume with the same --optimizer and '
+                             '--only_train_transformer_layers, or --restore_from fresh')
         want = self.slot_variables()
         missing = [k for k in want if k not in arrays]
+        if missing:
+            raise mismatch(len(missing), missing[0])
         freed = _Freed()
         for k, v in want.items():
-            a = None if missing else arrays[k]
-            if missing or a.shape != tuple(v.shape):
-                bad = (missing or [k])[0]
-                raise UserError(f'optimizer state does not match this run ({len(missing) or 1} '
-                                f'slots missing or of another shape, e.g. {bad}); resume with the '
-                                'same --optimizer and --only_train_transformer_layers, or '
-                                '--restore_from fresh')
+            a = arrays[k]
+            if a.shape != tuple(v.shape):
+                raise mismatch(1, k)
             v.assign(a)
             freed.add(a)
             del a
@@ -116,13 +118,12 @@ def _leaves(params, consume):
     """(checkpoint name, leaf) for each leaf of the tree, dropping each from the tree as it is
     handed out when `consume` is set."""
     flat = checkpoint.flatten(params)
-    if consume:
-        _clear(params)   # the tree's own references; `flat` holds the only ones left
+    if not consume:
+        yield from sorted(flat.items())
+        return
+    _clear(params)   # the tree's own references; `flat` holds the only ones left
     freed = _Freed()
     for k in sorted(flat):
-        if not consume:
-            yield k, flat[k]
-            continue
         leaf = flat.pop(k)
         yield k, leaf
         freed.add(leaf)
@@ -150,15 +151,12 @@ class _Freed:
 
 
 def _clear(tree):
-    if isinstance(tree, dict):
-        for k, v in list(tree.items()):
-            if isinstance(v, (dict, list)):
-                _clear(v)
-            else:
-                tree[k] = None
-    elif isinstance(tree, list):
-        for v in tree:
+    """Every leaf of the tree (dicts and lists) replaced by None, in place."""
+    for k, v in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(v, (dict, list)):
             _clear(v)
+        else:
+            tree[k] = None
 
 
 def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_norm=None,
@@ -335,11 +333,11 @@ def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.
         top = {k: params[k] for k in ('wte', 'wpe', 'ln_f')}
         trained = set(state.slots)
         # The forward pass, one compiled block at a time, keeping each block's input.
-        ins, masks = [], []
+        ins, masks = [], []   # (every block's mask is the same causal one)
 
         def keep(x, p, *, mask, **_):
             ins[-1].append(x)
-            masks.append(mask)
+            masks[:] = [mask]
             return forward_block(x, p, mask), None
         outs = []
         for j in range(n):
