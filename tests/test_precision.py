@@ -330,8 +330,9 @@ def test_train_step_runs_its_products_in_bf16(tiny):
 
 def test_bf16_and_fp16_train_as_well_as_fp32(corpus):
     """The same 200 steps on real prose from the same start in each precision: the held-out
-    loss is no more than 1% above fp32's (the runs drift apart by about that much either way:
-    measured 3.153 fp32, 3.115 bf16, 3.093 fp16)."""
+    loss is no more than 2% above fp32's, the issue's bound (the runs drift apart by about 1%
+    either way, and which way depends on the CPU's kernels: measured 3.153 fp32, 3.115 bf16,
+    3.093 fp16 on Zen 4 with AVX512_BF16; 3.110, 3.114, 3.150 on a Zen without AVX512)."""
     train_ids, held = corpus
     losses = {}
     for prec in precision_lib.PRECISIONS:
@@ -339,7 +340,7 @@ def test_bf16_and_fp16_train_as_well_as_fp32(corpus):
         losses[prec] = _held_out_loss(params, held)
     print('held-out loss after 200 steps:', {k: round(v, 4) for k, v in losses.items()})
     for prec in NARROW_TRAIN:
-        assert losses[prec] < losses['fp32'] * 1.01
+        assert losses[prec] < losses['fp32'] * 1.02
 
 
 def test_fp16_skips_an_overflowing_step_and_moves_its_scale(tiny, monkeypatch):
