@@ -45,6 +45,22 @@ def main(component, *, name=None):
         _die(prog, f'{why}{where}{hint}')
     except KeyboardInterrupt:
         _die(prog, 'interrupted', code=130)
+    except Exception as e:
+        # Ctrl-C raised inside a callback from C (numpy's __array__ under tf.constant, say)
+        # reaches Python as a SystemError caused by the KeyboardInterrupt.
+        if not _caused_by_interrupt(e):
+            raise
+        _die(prog, 'interrupted', code=130)
+
+
+def _caused_by_interrupt(e):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _die(prog, message, code=1):
