@@ -50,6 +50,12 @@ def train(dataset=None, **flags):
                                 default); README "Precision" says when to pick which
       --nojit_compile           run the step on TF's kernels instead of XLA (for fp32 slower;
                                 bf16 and fp16 take TF's kernels on a CPU unless --jit_compile)
+    Devices (README "Several devices and machines"):
+      --strategy none|mirrored|multi_worker|tpu   one device (none); every GPU of this machine
+                                (mirrored); the machines named by TF_CONFIG (multi_worker); a TPU
+                                (tpu). --batch_size is the global batch, split over the replicas
+      --tpu NAME                the TPU for --strategy tpu (its name or grpc://ADDRESS:8470;
+                                default: this machine's)
     Output:
       --save_every N (1000)  --max_checkpoints N (keep all by default)
       --keep_optimizer_state latest|all   which checkpoints keep the optimizer's slots (for Adam

@@ -78,3 +78,17 @@ class Log:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
+
+
+class Nowhere:
+    """Log's calls, writing nothing: the log of a worker that is not the chief (only the chief
+    writes the run folder)."""
+
+    def write(self, record):
+        pass
+
+    def sync(self):
+        pass
+
+    def close(self):
+        pass

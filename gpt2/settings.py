@@ -13,6 +13,9 @@ from gpt2 import paths
 from gpt2 import precision
 from gpt2.errors import UserError
 
+# train.py --strategy: gpt2/distribute.py makes each
+STRATEGIES = ('none', 'mirrored', 'multi_worker', 'tpu')
+
 # --keep_optimizer_state: the optimizer slots (for Adam twice the weights) stay in the newest
 # checkpoint's sidecar only, or in every checkpoint's.
 LATEST, ALL = 'latest', 'all'
@@ -61,6 +64,8 @@ class TrainSettings:
     # None: fast.compiles_train_step(precision) decides (XLA for fp32, where it trained 1.6x
     # faster in 0.3x less memory than TF's own kernels at 124M on a CPU; BENCHMARKS.md).
     jit_compile: bool = None
+    strategy: str = 'none'            # tf.distribute: gpt2/distribute.py
+    tpu: str = None                   # --strategy tpu: the TPU's name or grpc:// address
     progress: bool = True
 
     @classmethod
@@ -116,6 +121,15 @@ class TrainSettings:
             raise UserError('--layerwise cannot skip a step whose fp16 gradients overflow (its '
                             'first blocks are updated before the last are checked): use '
                             '--precision bf16 with it')
+        errors.check_choice('strategy', self.strategy, STRATEGIES,
+                            note='none: one device; mirrored: every GPU of this machine; '
+                                 'multi_worker: the machines of TF_CONFIG; tpu: --tpu\'s cores')
+        if self.tpu is not None and self.strategy != 'tpu':
+            raise UserError(f'--tpu {self.tpu!r} names a TPU for --strategy tpu; add it, or drop '
+                            '--tpu')
+        if self.layerwise and self.strategy != 'none':
+            raise UserError('--layerwise applies each block\'s update as its gradient appears, '
+                            'before the replicas could average them: use --strategy none with it')
         if self.jit_compile is None:
             object.__setattr__(self, 'jit_compile', fast.compiles_train_step(self.precision))
         if self.weight_decay is None:

@@ -16,6 +16,7 @@ from tensorflow.core.framework import summary_pb2
 import encoder as encoder_lib
 from gpt2 import checkpoint
 from gpt2 import dataset as dataset_lib
+from gpt2 import distribute
 from gpt2 import fast
 from gpt2 import model
 from gpt2 import novelty
@@ -160,7 +161,8 @@ def _clear(tree):
 
 
 def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_norm=None,
-                    recompute=False, noise=0.0, precision='fp32', jit_compile=True):
+                    recompute=False, noise=0.0, precision='fp32', jit_compile=True,
+                    strategy=None):
     """A compiled step(state, windows, lr, t, seed) -> loss that updates state in place.
 
     windows [accumulate, batch, seq+1] int32: gradients are averaged over the leading axis (the
@@ -169,18 +171,19 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
     the token noise statelessly, so a resumed run draws the same noise. `precision` is the
     products' type (gpt2/precision.py); with fp16 the loss is scaled by state.scaler's scale, and
     a step whose gradients overflow changes nothing but the scaler (its 'skipped' count).
+
+    With a tf.distribute `strategy` (gpt2/distribute.py; state made under its scope), `batch` is
+    the global batch, each replica takes its slice of it, and the gradients are averaged over
+    all of it: the same two halves of the step, gradients() and update(), run on every replica.
     """
     rule = optim.get_optimizer(optimizer)
     scaled = precision_lib.check_precision(precision) == 'fp16'
-
     apply = _make_apply(rule, weight_decay)
 
-    @tf.function(jit_compile=jit_compile)
-    def step(params, slots, scaler, windows, lr, t, seed):
-        names = sorted(slots)
-        inputs = _noised(windows[:, :, :-1], seed, noise, hparams.n_vocab)
+    def gradients(params, names, scale, windows, inputs):
+        # -> (loss, [gradient of each leaf in `names`]) averaged over the micro-batches; with
+        # fp16 the gradients of loss * scale.
         n = windows.shape[0]
-        scale = scaler['scale'].read_value() if scaled else None
         kw = dict(names=names, recompute=recompute, precision=precision, loss_scale=scale)
         loss, grads = loss_and_grads(hparams, params, windows[0], inputs=inputs[0], **kw)
         grads = [grads[k] for k in names]
@@ -193,15 +196,35 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
                 grads = [a + gi[k] for a, k in zip(grads, names)]
             loss = loss / n
             grads = [g / n for g in grads]
+        return loss, grads
+
+    def update(params, slots, scaler, grads, lr, t):
+        # The averaged gradients (of every replica) -> the new weights and slots, in place.
+        names = sorted(slots)
+        applied = None
         if scaled:
+            scale = scaler['scale'].read_value()
             grads = [g / scale for g in grads]
             applied = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             _update_scale(scaler, applied)
         if max_grad_norm:
             grads, _ = tf.clip_by_global_norm(grads, max_grad_norm)
         flat = checkpoint.flatten(params)
-        apply({k: flat[k] for k in names}, slots, dict(zip(names, grads)), lr, t,
-              applied if scaled else None, {k: optim.decays(k) for k in names})
+        apply({k: flat[k] for k in names}, slots, dict(zip(names, grads)), lr, t, applied,
+              {k: optim.decays(k) for k in names})
+
+    if strategy is not None:
+        return distribute.make_step(strategy, gradients, update, scaled=scaled,
+                                    noised=_make_noised(noise, hparams.n_vocab, jit_compile),
+                                    jit_compile=jit_compile)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(params, slots, scaler, windows, lr, t, seed):
+        names = sorted(slots)
+        inputs = _noised(windows[:, :, :-1], seed, noise, hparams.n_vocab)
+        scale = scaler['scale'].read_value() if scaled else None
+        loss, grads = gradients(params, names, scale, windows, inputs)
+        update(params, slots, scaler, grads, lr, t)
         return loss
 
     def call(state, windows, lr, t, seed):
@@ -226,6 +249,12 @@ def _noised(inputs, seed, noise, n_vocab):
     hit = tf.random.stateless_uniform(shape, seed) < noise
     rand = tf.random.stateless_uniform(shape, seed + 1, maxval=n_vocab, dtype=tf.int32)
     return tf.where(hit, rand, inputs)
+
+
+def _make_noised(noise, n_vocab, jit_compile):
+    """_noised as a function of its own, noised(inputs, seed), compiled as the step it feeds is
+    (XLA draws other random numbers than TF's kernels), for steps that draw the noise outside."""
+    return tf.function(lambda x, seed: _noised(x, seed, noise, n_vocab), jit_compile=jit_compile)
 
 
 def _make_apply(rule, weight_decay):
@@ -320,9 +349,7 @@ def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.
         apply(checkpoint.flatten(p), slots, checkpoint.flatten(g), lr, t, None, decayed)
         return tf.stack(dxs)
 
-    # (compiled as make_train_step's step is: XLA draws other random numbers than TF's kernels)
-    noised = tf.function(lambda x, seed: _noised(x, seed, noise, hparams.n_vocab),
-                         jit_compile=jit_compile)
+    noised = _make_noised(noise, hparams.n_vocab, jit_compile)
 
     def call(state, windows, lr, t, seed):
         windows = tf.constant(windows, tf.int32)
@@ -444,7 +471,13 @@ def run(s):
     """Train with settings `s` until step s.total_steps (the global step, so a resumed run stops
     at the same place), the end of the curriculum, or Ctrl-C/SIGTERM (the step in flight finishes
     and is saved). Returns {'step', 'prefix' (the last checkpoint), 'losses' (this call's),
-    'run_dir'}."""
+    'run_dir'}.
+
+    Under --strategy (gpt2/distribute.py) every worker runs this loop on the same data; only the
+    chief writes the run folder, samples and events, and all stop after the same step."""
+    strategy = distribute.make_strategy(s.strategy, s.tpu)  # before TensorFlow runs anything
+    distribute.check_batch(strategy, s.batch_size, s.strategy)
+    chief = distribute.is_chief(strategy)
     run_dir = runs.folder(s)
     hp, params, prefix, vocab_dir = runs.start(s)
     seq = hp.n_ctx if s.seq_len is None else s.seq_len
@@ -461,15 +494,20 @@ def run(s):
         val_batches = dataset_lib.validation_batches(
             dataset_lib.load_chunks(s.val_dataset, enc, combine=s.combine), seq + 1,
             s.val_batch_size, s.val_batch_count)
-    runs.prepare(s, hp, vocab_dir)
+    if chief:
+        runs.prepare(s, hp, vocab_dir)
 
-    state = TrainState(hp, params, s.optimizer, only_transformer=s.only_train_transformer_layers,
-                       consume=True)
+    with distribute.scope(strategy):
+        state = TrainState(hp, params, s.optimizer,
+                           only_transformer=s.only_train_transformer_layers, consume=True)
     del params
     step, avg = runs.resume(s, state, samplers, prefix)
+    distribute.check_same_start(strategy, step)
     skipped = state.scaler_state()['skipped']
 
     def save():
+        if not chief:   # the chief writes what every worker holds
+            return os.path.join(run_dir, f'model-{step}')
         log.sync()  # a checkpoint never exists without the log lines that led to it
         return runs.save(state, os.path.join(run_dir, f'model-{step}'),
                          runs.meta(s, step, samplers, avg, hp, state), keep=s.max_checkpoints,
@@ -483,17 +521,19 @@ def run(s):
         train_step = make_train_step(hp, s.optimizer, weight_decay=s.weight_decay,
                                      max_grad_norm=s.max_grad_norm,
                                      recompute=s.memory_saving_gradients, noise=s.noise,
-                                     precision=s.precision, jit_compile=s.jit_compile)
+                                     precision=s.precision, jit_compile=s.jit_compile,
+                                     strategy=strategy)
     eval_step = make_eval_step(hp, jit_compile=s.jit_compile) if val_batches else None
-    writer = tf.summary.create_file_writer(run_dir)
+    writer = tf.summary.create_file_writer(run_dir) if chief else tf.summary.create_noop_writer()
     losses, saved, last = [], None, prefix
     tokens = s.batch_size * s.accumulate_gradients * seq
     bar = tqdm.tqdm(total=total, initial=step, disable=not s.progress, dynamic_ncols=True,
                     unit='step')
-    log = runlog.Log(run_dir, step)
+    log = runlog.Log(run_dir, step) if chief else runlog.Nowhere()
     try:
         with _Stop() as stop, writer.as_default():
-            while (total is None or step < total) and stop.signal is None:
+            while (total is None or step < total) and not distribute.agree_to_stop(
+                    strategy, stop.signal is not None):
                 windows = samplers[order.index(step)].batch(
                     s.batch_size * s.accumulate_gradients).reshape(
                     s.accumulate_gradients, s.batch_size, seq + 1)
@@ -539,7 +579,7 @@ def run(s):
                 if s.save_every and step % s.save_every == 0:
                     last = saved = save()
                     writer.flush()
-                if s.sample_every and step % s.sample_every == 0:
+                if chief and s.sample_every and step % s.sample_every == 0:
                     _samples(hp, state, enc, os.path.join(s.sample_dir, s.run_name,
                                                           f'samples-{step}'),
                              num=s.sample_num, length=s.sample_length, seed=s.seed + step)
@@ -547,6 +587,11 @@ def run(s):
                 last = save()
             if stop.signal is not None:
                 bar.write(f'stopped by signal {stop.signal} at step {step}; saved {last}')
+    except distribute.PEER_FAILURES as e:
+        if not distribute.is_multi_worker(strategy):
+            raise
+        raise UserError(f'{distribute.dead_peer(strategy, e)} at step {step + 1}, so training '
+                        f'stopped; the last checkpoint is {last or "none"}') from None
     finally:
         bar.close()
         writer.flush()
