@@ -3,10 +3,10 @@
 
 The step is training.make_train_step's two halves. On each replica, gradients() of its slice of
 the global batch runs compiled (XLA where the step is compiled; the forward and backward pass);
-the all-reduce that averages the gradients over the replicas runs outside it, since XLA cannot
-hold a cross-worker collective (tensorflow/tensorflow#58961) and a merge_call must not sit inside
-a nested compiled function (keras-team/keras-hub#949); then update() (unscale, clip, the
-optimizer) runs compiled on each device's own copy of the weights, with the same averaged
+the all-reduce that sums the gradients over the replicas runs outside it, since XLA cannot hold
+a cross-worker collective (tensorflow/tensorflow#58961) and a merge_call must not sit inside a
+nested compiled function (keras-team/keras-hub#949); then update() (the mean, unscale, clip, the
+optimizer) runs compiled on each device's own copy of the weights, with the same summed
 gradients, so every copy stays equal without a broadcast.
 
 Every worker draws the same global batch from the same seeded stream and takes its replicas'
@@ -120,7 +120,12 @@ def make_step(strategy, gradients, update, *, scaled, noised, jit_compile):
     seed) -> the global mean loss, windows [accumulate, global batch, seq+1]."""
     n = strategy.num_replicas_in_sync
     gradients = tf.function(gradients, jit_compile=jit_compile)
-    update = tf.function(update, jit_compile=jit_compile)
+
+    @tf.function(jit_compile=jit_compile)
+    def update_by_mean(params, slots, scaler, grads, lr, t):
+        # The replicas' summed gradients -> their mean, inside the compiled update (no pass
+        # over the gradients of its own).
+        update(params, slots, scaler, [g / n for g in grads], lr, t)
     devices = strategy.extended.worker_devices
     total = tf.distribute.ReduceOp.SUM
 
@@ -133,12 +138,12 @@ def make_step(strategy, gradients, update, *, scaled, noised, jit_compile):
             loss, grads = gradients(params, names, scale, w, x)
             # Outside the compiled gradients: the mean over every replica's slice.
             loss, grads = tf.distribute.get_replica_context().all_reduce(total, (loss, grads))
-            return loss / n, [g / n for g in grads]
+            return loss / n, grads
 
         loss, grads = strategy.run(on_replica, args=(windows, inputs))
         for i, device in enumerate(devices):
             with tf.device(device):
-                update(*_local((params, slots, scaler, grads), strategy, i), lr, t)
+                update_by_mean(*_local((params, slots, scaler, grads), strategy, i), lr, t)
         return strategy.experimental_local_results(loss)[0]
 
     def call(state, windows, lr, t, seed):
@@ -149,7 +154,7 @@ def make_step(strategy, gradients, update, *, scaled, noised, jit_compile):
                     tf.constant(t, tf.float32))
 
     call.tracing_count = lambda: (gradients.experimental_get_tracing_count() +
-                                  update.experimental_get_tracing_count())
+                                  update_by_mean.experimental_get_tracing_count())
     return call
 
 
