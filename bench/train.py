@@ -1,6 +1,8 @@
 """Training throughput and peak memory at the 124M shape against Hugging Face's GPT2LMHeadModel
 (dropout 0, AdamW) measured in the same run, each side in its own subprocess: fp32 on both sides,
-and mixed precision (ours --precision bf16, Hugging Face under torch.autocast bf16).
+and mixed precision (ours --precision bf16, Hugging Face under torch.autocast bf16); with
+--strategy mirrored, our step under tf.distribute's MirroredStrategy on this machine's one device
+beside the plain one (its overhead).
 
     flock /tmp/gpt2-bench.lock /work/main/.venv/bin/python bench/train.py
 
@@ -24,19 +26,22 @@ def _peak_rss_gib():
 
 
 def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None, precision='fp32',
-         layerwise=False):
+         layerwise=False, strategy='none'):
     import numpy as np
-    from gpt2 import fast, hparams as hparams_lib, model, training
+    from gpt2 import distribute, fast, hparams as hparams_lib, model, training
+    strategy = distribute.make_strategy(strategy)
     if jit_compile is None:   # as train.py decides
         jit_compile = fast.compiles_train_step(precision)
     hp = hparams_lib.PRESETS['124M']
-    state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
+    with distribute.scope(strategy):
+        state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
     if layerwise:
         step = training.make_layerwise_step(hp, 'adamw', weight_decay=0.01, precision=precision,
                                             jit_compile=jit_compile)
     else:
         step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
-                                        precision=precision, jit_compile=jit_compile)
+                                        precision=precision, jit_compile=jit_compile,
+                                        strategy=strategy)
     rng = np.random.default_rng(0)
     windows = lambda: rng.integers(0, hp.n_vocab, [1, batch, seq + 1]).astype(np.int32)  # noqa
     for i in range(warmup):
@@ -108,11 +113,13 @@ def worker(args):
     else:
         # ours: the default step (XLA); ours-recompute: --memory_saving_gradients;
         # ours-noxla: TF's own kernels (--nojit_compile); ours-bf16: --precision bf16 (on a
-        # CPU: TF's kernels), ours-bf16-xla: the same under XLA; ours-layerwise: --layerwise.
+        # CPU: TF's kernels), ours-bf16-xla: the same under XLA; ours-layerwise: --layerwise;
+        # ours-mirrored: --strategy mirrored.
         tps = ours(batch, seq, steps, warmup, recompute=side == 'ours-recompute',
                    jit_compile={'ours-noxla': False, 'ours-bf16-xla': True}.get(side),
                    precision='bf16' if side.startswith('ours-bf16') else 'fp32',
-                   layerwise=side == 'ours-layerwise')
+                   layerwise=side == 'ours-layerwise',
+                   strategy='mirrored' if side == 'ours-mirrored' else 'none')
     print(json.dumps({'value': tps, 'rss': _peak_rss_gib()}))
 
 
@@ -124,14 +131,21 @@ def run(side, batch=0, seq=0, steps=0, warmup=0):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf'):
+def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf',
+         strategy=None):
     """--sides from ours, ours-recompute, ours-layerwise, ours-noxla, ours-bf16, ours-bf16-xla,
-    hf, hf-bf16
-    (ratios are to hf, and for the bf16 sides also to hf-bf16)."""
+    ours-mirrored, hf, hf-bf16
+    (ratios are to hf, for the bf16 sides also to hf-bf16, for ours-mirrored also to ours);
+    --strategy mirrored adds ours-mirrored (and ours) to the sides."""
     gflops = run('gflops')['value']
     print(f'fp32 matmul rate: {gflops:.0f} GFLOP/s')
     # fire hands a comma list over as a tuple, a single item as a string
     as_list = lambda v: v.split(',') if isinstance(v, str) else list(v)  # noqa: E731
+    if strategy is not None:
+        if strategy != 'mirrored':
+            raise SystemExit('bench/train.py --strategy: only mirrored runs on one machine')
+        sides = [s for s in ['ours'] + as_list(sides) if s != 'ours-mirrored'] + ['ours-mirrored']
+        sides = list(dict.fromkeys(sides))
     for shape in as_list(shapes):
         batch, seq = map(int, shape.split('x'))
         bound = gflops * 1e9 / train_flops_per_token(seq)
@@ -141,6 +155,8 @@ def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf
             ratio = f'{r["value"] / res["hf"]["value"]:.2f}x HF' if 'hf' in res else ''
             if 'bf16' in s and 'hf-bf16' in res:
                 ratio += f' {r["value"] / res["hf-bf16"]["value"]:.2f}x HF-bf16'
+            if s == 'ours-mirrored' and 'ours' in res:
+                ratio += f' {r["value"] / res["ours"]["value"]:.3f}x ours'
             print(f'  {s:15s} {r["value"]:7.1f} tokens/s  peak RSS {r["rss"]:.2f} GiB  '
                   f'{ratio:22s} {r["value"] / bound:.0%} of FLOP-bound')
 
