@@ -25,8 +25,9 @@ def _peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None, precision='fp32',
-         layerwise=False, strategy='none'):
+def _our_step(batch, seq, recompute=False, jit_compile=None, precision='fp32', layerwise=False,
+              strategy='none'):
+    # -> step(i): train.py's step i (1-based) on a random global batch, from fresh 124M weights.
     import numpy as np
     from gpt2 import distribute, fast, hparams as hparams_lib, model, training
     strategy = distribute.make_strategy(strategy)
@@ -43,13 +44,34 @@ def ours(batch, seq, steps, warmup, recompute=False, jit_compile=None, precision
                                         precision=precision, jit_compile=jit_compile,
                                         strategy=strategy)
     rng = np.random.default_rng(0)
-    windows = lambda: rng.integers(0, hp.n_vocab, [1, batch, seq + 1]).astype(np.int32)  # noqa
+    return lambda i: float(step(state, rng.integers(0, hp.n_vocab, [1, batch, seq + 1]).astype(
+        np.int32), 1e-4, i, [0, i]))
+
+
+def ours(batch, seq, steps, warmup, **kw):
+    step = _our_step(batch, seq, **kw)
     for i in range(warmup):
-        float(step(state, windows(), 1e-4, i + 1, [0, i]))
+        step(i + 1)
     t0 = time.perf_counter()
     for i in range(steps):
-        float(step(state, windows(), 1e-4, warmup + i + 1, [0, i]))
+        step(warmup + i + 1)
     return batch * seq * steps / (time.perf_counter() - t0)
+
+
+def mirrored_over_plain(batch, seq, steps, warmup):
+    """The median over `steps` pairs of (a plain step's time / a mirrored step's time), the two
+    steps alternating in one process, so a drift of the machine's speed falls on both alike."""
+    plain, mirrored = _our_step(batch, seq), _our_step(batch, seq, strategy='mirrored')
+    ratios = []
+    for i in range(warmup + steps):
+        took = []
+        for step in (plain, mirrored):
+            t0 = time.perf_counter()
+            step(i + 1)
+            took.append(time.perf_counter() - t0)
+        if i >= warmup:
+            ratios.append(took[0] / took[1])
+    return sorted(ratios)[len(ratios) // 2]
 
 
 def hf(batch, seq, steps, warmup, bf16=False):
@@ -110,6 +132,8 @@ def worker(args):
         tps = hf(batch, seq, steps, warmup, bf16=side == 'hf-bf16')
     elif side == 'gflops':
         tps = matmul_gflops()
+    elif side == 'mirrored-over-plain':
+        tps = mirrored_over_plain(batch, seq, steps, warmup)
     else:
         # ours: the default step (XLA); ours-recompute: --memory_saving_gradients;
         # ours-noxla: TF's own kernels (--nojit_compile); ours-bf16: --precision bf16 (on a
@@ -136,7 +160,8 @@ def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf
     """--sides from ours, ours-recompute, ours-layerwise, ours-noxla, ours-bf16, ours-bf16-xla,
     ours-mirrored, hf, hf-bf16
     (ratios are to hf, for the bf16 sides also to hf-bf16, for ours-mirrored also to ours);
-    --strategy mirrored adds ours-mirrored (and ours) to the sides."""
+    --strategy mirrored adds ours-mirrored (and ours) to the sides, and the two alternated in
+    one process."""
     gflops = run('gflops')['value']
     print(f'fp32 matmul rate: {gflops:.0f} GFLOP/s')
     # fire hands a comma list over as a tuple, a single item as a string
@@ -159,6 +184,10 @@ def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf
                 ratio += f' {r["value"] / res["ours"]["value"]:.3f}x ours'
             print(f'  {s:15s} {r["value"]:7.1f} tokens/s  peak RSS {r["rss"]:.2f} GiB  '
                   f'{ratio:22s} {r["value"] / bound:.0%} of FLOP-bound')
+        if strategy is not None:
+            r = run('mirrored-over-plain', batch, seq, steps, warmup)['value']
+            print(f'  ours-mirrored / ours, the steps alternating in one process: {r:.3f}x '
+                  f'(median of {steps})')
 
 
 if __name__ == '__main__':
