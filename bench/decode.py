@@ -127,7 +127,8 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
     weight_bytes = sum(np.asarray(x).nbytes for x in tf.nest.flatten(params))
     print(f'TF {tf.__version__}, {os.cpu_count()} CPUs, weights {weight_bytes / 1e6:.0f} MB')
     rng = np.random.default_rng(0)
-    for b in batches:
+    # fire hands `--batches 1` over as an int, `--batches 1,8` as a tuple
+    for b in (batches,) if isinstance(batches, int) else batches:
         prompts = rng.integers(0, hp.n_vocab, [b, prompt]).tolist()
         bw = bandwidth()
         bound = b * bw / weight_bytes
