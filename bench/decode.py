@@ -111,13 +111,15 @@ def ctranslate2_decode(gen, prompts, new):
 
 
 def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, threads=None,
-         top_k=40, dtypes=False):
+         top_k=40, dtypes=False, hf_bf16=True):
     """Print tokens/s for each batch size: ours with and without XLA, Hugging Face, the bound.
 
     --batches sizes to run; --prompt, --new tokens; --repeats timed runs (best kept);
     --swap_every palimpsest swap interval; --hf=False skips Hugging Face; --threads for torch;
     --top_k for the sampled rows (temperature 1, both sides; 0 skips them); --dtypes adds
-    ours in bf16 and int8, Hugging Face bf16 and CTranslate2 float32 and int8 (greedy).
+    ours in bf16 and int8, Hugging Face bf16 and CTranslate2 float32 and int8 (greedy);
+    --hf_bf16=False leaves out Hugging Face bf16 (on a CPU without AVX512_BF16 its bf16 weights
+    decode at a few tokens/s, and batch 8 took over 18 minutes).
     """
     import tensorflow as tf
     threads = threads or os.cpu_count()
@@ -156,8 +158,9 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
                 for dtype in ('bf16', 'int8'):
                     rows[f'ours {dtype}'] = _best(ours(hp, params, prompts, new, jit_compile=True,
                                                        dtype=dtype), repeats)
-                rows['huggingface bf16'] = _best(huggingface(prompts, new, threads, bf16=True),
-                                                 repeats)
+                if hf and hf_bf16:
+                    rows['huggingface bf16'] = _best(
+                        huggingface(prompts, new, threads, bf16=True), repeats)
                 for ct in ('float32', 'int8'):
                     gen = ctranslate2_model(tmp, ct, threads)
                     rows[f'ctranslate2 {ct}'] = _best(ctranslate2_decode(gen, prompts, new),
@@ -173,9 +176,11 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
                 extra += f'  {rows[peer] / t:.2f}x HF'
             if name.startswith('palimpsest'):
                 extra += f'  {plain / t:.0%} of plain'
-            if name in ('ours bf16', 'ours int8') and 'ctranslate2 int8' in rows:
-                extra += (f'  {rows["huggingface bf16"] / t:.2f}x HF-bf16'
-                          f'  {rows["ctranslate2 int8"] / t:.2f}x CT2-int8')
+            if name in ('ours bf16', 'ours int8'):
+                for peer, short in (('huggingface bf16', 'HF-bf16'),
+                                    ('ctranslate2 int8', 'CT2-int8')):
+                    if peer in rows:
+                        extra += f'  {rows[peer] / t:.2f}x {short}'
             print(f'  {name:28s} {tps:7.1f} tokens/s  {tps / bound:5.0%} of bound{extra}')
 
 
