@@ -49,6 +49,14 @@ def require_shared():
         f'OpenAI release files missing from {OPENAI_117M}'
 
 
+def pytest_configure(config):
+    # CI runs every test: a marker expression there (such as scripts/test.sh's plain
+    # -m 'not slow') would leave the heavier proofs out without a word.
+    if IN_CI and config.getoption('markexpr', ''):
+        raise pytest.UsageError(f"CI=true runs every test, so no -m "
+                                f"(given: -m '{config.getoption('markexpr')}')")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     # Under CI a skip hides a missing fixture or oracle dependency (tiktoken, transformers):

@@ -204,6 +204,7 @@ def test_half_precision_is_rounded_as_torch_rounds_and_widens_back_exactly(train
 
 # ---------------------------------------------------------------- transformers -> ours
 
+@pytest.mark.slow
 def test_a_transformers_model_samples_greedily_as_its_generate(hf_random, tmp_path):
     """`convert.py from_hf` on a folder transformers saved, then `sample.py --temperature 0`
     continues a prompt with exactly the tokens of transformers' greedy generate."""

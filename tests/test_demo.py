@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from gpt2 import checkpoint
 from gpt2 import dataset
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_its_outputs_load(tmp_path):
     out = tmp_path / 'demo'
     done = subprocess.run(

@@ -76,6 +76,7 @@ MIRRORED = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_mirrored_on_two_devices_gives_the_one_device_weights(tmp_path):
     """Two logical CPUs: a mirrored run equals the plain run at the same global batch (SGD with
     accumulation, noise and clipping; Adam resumed from 2 replicas on 1 and from 1 on 2), and
@@ -167,6 +168,7 @@ def _weights(prefix):
             for k, v in checkpoint.flatten(checkpoint.load_params(prefix)[0]).items()}
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_one_process_weights_and_only_the_chief_writes(tmp_path):
     """Two processes under --strategy multi_worker: SIGTERM to the chief stops both after the
     same step (exit 0); the chief's checkpoint equals a single-process run of as many steps;
@@ -202,6 +204,7 @@ def test_two_workers_give_the_one_process_weights_and_only_the_chief_writes(tmp_
     assert gap <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_dead_worker_stops_the_chief_with_one_line_and_a_whole_checkpoint(tmp_path):
     """SIGKILL to worker 1 mid-run: the chief exits 1 with one line naming worker 1 and its last
     checkpoint, which loads. Resumed with worker 1 on a folder of its own (step 0, against the

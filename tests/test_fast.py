@@ -65,6 +65,7 @@ def test_logits_are_the_same(setup, calls):
     assert calls['attend'] and calls['norm'] and calls['gelu']
 
 
+@pytest.mark.slow
 def test_cached_decode_is_the_same(setup, calls):
     hp, p = setup
     toks = tokens_for(hp, 3, 20, seed=2)
@@ -87,6 +88,7 @@ def test_cached_decode_is_the_same(setup, calls):
     assert {'linear', 'unembed', 'write_cache', 'attend'} <= set(calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recompute', [False, True])
 def test_loss_and_gradients_are_the_same(setup, calls, recompute):
     hp, p = setup

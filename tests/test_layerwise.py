@@ -37,6 +37,7 @@ def _steps(hp, kind, optimizer, *, n=1, noise=0.0, precision='fp32', jit_compile
     ('adafactor', {'n': 2}),
 ], ids=['sgd-accumulate-noise', 'sgd-bf16-tf-kernels', 'adam-frozen-embeddings',
         'adafactor-accumulate'])
+@pytest.mark.slow
 def test_layerwise_step_equals_the_whole_step(tiny, optimizer, opts):
     """Three steps each way from the same weights on the same batches. SGD's update is the
     gradient itself, so its weights agree to float32 rounding; Adam's and Adafactor's divide by
@@ -80,6 +81,7 @@ def test_each_piece_compiles_once_for_every_block():
     assert step.tracing_count() == 4
 
 
+@pytest.mark.slow
 def test_layerwise_training_resumes_bit_for_bit(tmp_path, tiny):
     data = _npz(tmp_path / 'data.npz', _pattern())
     opts = dict(layerwise=True, noise=0.1, optimizer='adamw', accumulate_gradients=2)

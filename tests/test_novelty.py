@@ -286,6 +286,7 @@ def test_empty_npz_corpus_and_ngram_mismatch(tmp_path, corpus):
         novelty.Filter(index, ngram=6)
 
 
+@pytest.mark.slow
 def test_sample_py_novel_against_drops_lines_found_in_the_corpus(tmp_path):
     """Same seed twice: the second run, checked against the first run's text, drops every line."""
     import subprocess

@@ -212,6 +212,7 @@ def _agreement(a, b):
     return sum(same) / len(same), first / len(same)
 
 
+@pytest.mark.slow
 def test_trained_model_logits_greedy_text_and_perplexity(trained):
     params, train_ids, held = trained
     trees = {d: fast.for_decoding(params, d) for d in precision.DTYPES}
@@ -287,6 +288,7 @@ def _held_out_loss(params, held):
     return float(training.make_eval_step(SMALL)(model.to_tensors(params), windows))
 
 
+@pytest.mark.slow
 def test_mixed_precision_loss_and_gradients_against_fp32(tiny):
     """One batch's loss and gradients with the products in bf16 and fp16 (fp16's taken of the
     loss times a scale, then unscaled) against fp32: close, float32 masters' gradients, and not
@@ -328,6 +330,7 @@ def test_train_step_runs_its_products_in_bf16(tiny):
     assert all(v.dtype == tf.float32 for v in tf.nest.flatten(state.slots))
 
 
+@pytest.mark.slow
 def test_bf16_and_fp16_train_as_well_as_fp32(corpus):
     """The same 200 steps on real prose from the same start in each precision: the held-out
     loss is no more than 2% above fp32's, the issue's bound (the runs drift apart by about 1%
@@ -375,6 +378,7 @@ def _run(tmp_path, tiny, steps, name, **kw):
                           learning_rate=3e-3, progress=False, steps=steps, **kw)
 
 
+@pytest.mark.slow
 def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tiny, monkeypatch):
     """A run whose scale starts far too high skips its first steps (counted in TensorBoard and
     the sidecar); stopped and resumed it equals the run left alone, its scale included; a

@@ -45,6 +45,7 @@ def test_a_line_per_step_with_the_tensorboard_values(tmp_path, tiny):
     assert sorted(board['val_loss']) == [2, 4]
 
 
+@pytest.mark.slow
 def test_resume_drops_the_lines_a_killed_run_wrote_past_its_checkpoint(tmp_path, tiny):
     """A run killed at step 8 after its checkpoint at 6 left lines 7 and 8 and a torn line;
     resuming from model-6 to step 8 leaves the log an uninterrupted run writes (rates aside).

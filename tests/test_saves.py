@@ -153,6 +153,7 @@ def test_a_data_file_of_garbage_fails_the_checksum(saved):
         checkpoint.load_params(saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
 def test_scripts_report_a_damaged_checkpoint_in_one_line(tmp_path, tiny, data, saved, damage):
     """Catches: train.py --restore_from and sample.py --checkpoint printing the reader's traceback

@@ -153,6 +153,7 @@ def test_max_checkpoints_deletes_the_oldest(tmp_path, tiny, data):
     assert not [f for f in os.listdir(run) if f.startswith(('model-2', 'model-4'))]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_for_bit(tmp_path, tiny, data):
     # (A decaying schedule's horizon is --steps, so here the rate is constant after warmup.)
     opts = dict(noise=0.1, warmup_steps=12, max_grad_norm=1.0, optimizer='adamw')
@@ -423,6 +424,7 @@ def test_adafactor_equals_a_reference_of_its_documented_rule(shape):
         np.testing.assert_allclose(s['v'].numpy(), moments, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_micro_batch_compiles_no_accumulation_loop(tiny):
     """An empty accumulation loop left in the program once kept --memory_saving_gradients from
     saving anything (XLA's temporary buffer at 124M 1 x 1024: 1.11 GB with it, 0.44 without)."""
@@ -702,6 +704,7 @@ def _start_until_step(cmd, cwd, text):
     return proc, _read_until(proc, b'', text, 120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 def test_a_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, tiny, data, sig):
     """Ctrl-C (SIGINT) or SIGTERM (what a job scheduler sends): the step in flight finishes, is
@@ -720,6 +723,7 @@ def test_a_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, tiny, data, 
     assert meta['step'] == checkpoint.step_of(prefix)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny, data):
     """Ctrl-C during a sample of 10^8 tokens (at step 3) waits for it to end; a second Ctrl-C
     stops train.py at once: exit 130 with the one-line 'interrupted', no checkpoint (nor sample)
