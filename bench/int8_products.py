@@ -13,7 +13,6 @@ memory as a decode step does.
 """
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -22,17 +21,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import fire  # noqa: E402
 
+from bench.decode import _best  # noqa: E402
+
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
-
-
-def _best(fn, args, repeats):
-    fn(*args).numpy()                      # compile, and one run to warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(*args).numpy()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
 
 
 def main(rows=(1, 2, 8, 16), repeats=3):
@@ -64,7 +55,8 @@ def main(rows=(1, 2, 8, 16), repeats=3):
         for name, (fn, ws, dtype) in sides.items():
             xs = tf.constant(np.clip(np.round(x * 40), -127, 127).astype(np.int8)
                              if dtype == tf.int8 else x)
-            line.append(f'{name} {_best(fn, (ws, xs), repeats):7.1f}')
+            ms = _best(lambda: fn(ws, xs).numpy(), repeats) * 1e3
+            line.append(f'{name} {ms:7.1f}')
         print(f'rows {r:3d}:  ' + '   '.join(line), flush=True)
 
 

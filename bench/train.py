@@ -169,8 +169,7 @@ def main(shapes='1x1024,4x256', steps=4, warmup=2, sides='ours,ours-recompute,hf
     if strategy is not None:
         if strategy != 'mirrored':
             raise SystemExit('bench/train.py --strategy: only mirrored runs on one machine')
-        sides = [s for s in ['ours'] + as_list(sides) if s != 'ours-mirrored'] + ['ours-mirrored']
-        sides = list(dict.fromkeys(sides))
+        sides = list(dict.fromkeys(['ours', *as_list(sides), 'ours-mirrored']))
     for shape in as_list(shapes):
         batch, seq = map(int, shape.split('x'))
         bound = gflops * 1e9 / train_flops_per_token(seq)

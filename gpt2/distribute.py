@@ -136,7 +136,8 @@ def make_step(strategy, gradients, update, *, scaled, noised, jit_compile):
         def on_replica(w, x):
             scale = scaler['scale'].read_value() if scaled else None
             loss, grads = gradients(params, names, scale, w, x)
-            # Outside the compiled gradients: the mean over every replica's slice.
+            # Outside the compiled gradients: the sums over every replica's slice (the loss's
+            # mean here, the gradients' in update_by_mean).
             loss, grads = tf.distribute.get_replica_context().all_reduce(total, (loss, grads))
             return loss / n, grads
 

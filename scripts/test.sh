@@ -12,7 +12,7 @@ args=()
 for a in "$@"; do
     case "$a" in
         --all) all=1 ;;
-        -m|-m*|tests/*|./tests/*) all=1; args+=("$a") ;;
+        -m*|tests/*|./tests/*) all=1; args+=("$a") ;;
         *) args+=("$a") ;;
     esac
 done
