@@ -2,6 +2,7 @@
 dependency must not pass quietly) and no marker expression leaves tests out (scripts/test.sh's
 plain -m 'not slow'), and the committed oracle files are whole."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,6 +41,34 @@ def test_ci_refuses_a_marker_expression(tmp_path):
     assert "CI=true runs every test, so no -m (given: -m 'not slow')" in out.stderr
     out = _pytest_with_our_conftest(tmp_path, False, '-m', 'not slow')
     assert out.returncode == 0 and '1 passed, 1 skipped' in out.stdout, out.stdout
+
+
+def _test_sh(tmp_path, *args, ci=''):
+    """scripts/test.sh as it is, run in a copy of its folder whose venv.sh does nothing and whose
+    .venv/bin/python prints its arguments -> (the arguments pytest would get, stderr)."""
+    (tmp_path / 'scripts').mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, 'scripts', 'test.sh'), tmp_path / 'scripts' / 'test.sh')
+    (tmp_path / 'scripts' / 'venv.sh').write_text('')
+    python = tmp_path / '.venv' / 'bin' / 'python'
+    python.parent.mkdir(parents=True, exist_ok=True)
+    python.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    python.chmod(0o755)
+    out = subprocess.run(['bash', str(tmp_path / 'scripts' / 'test.sh'), *args],
+                         capture_output=True, text=True, env=dict(os.environ, CI=ci), timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines(), out.stderr
+
+
+def test_test_sh_leaves_out_the_slow_tests_unless_ci_or_asked(tmp_path):
+    args, err = _test_sh(tmp_path, '-q', '-k', 'encoder')
+    assert args == ['-m', 'pytest', '-m', 'not slow', '-q', '-k', 'encoder']
+    assert 'leaving out the tests marked slow' in err
+    for given, ci, want in [(['-q'], 'true', ['-q']), (['-q'], 'TRUE', ['-q']),
+                            (['--all', '-q'], '', ['-q']),
+                            (['-m', 'slow'], '', ['-m', 'slow']),
+                            (['tests/test_demo.py'], '', ['tests/test_demo.py'])]:
+        args, err = _test_sh(tmp_path, *given, ci=ci)
+        assert args == ['-m', 'pytest', *want] and not err, (given, ci, args, err)
 
 
 def test_the_committed_oracle_files_are_there():
