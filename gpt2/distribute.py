@@ -20,6 +20,7 @@ import urllib.parse
 
 import tensorflow as tf
 
+from gpt2 import fast
 from gpt2.errors import UserError
 
 # How long a collective waits for the other workers before it fails (the first step waits for
@@ -119,7 +120,7 @@ def make_step(strategy, gradients, update, *, scaled, noised, jit_compile):
     """training.make_train_step's step under `strategy`: the same call(state, windows, lr, t,
     seed) -> the global mean loss, windows [accumulate, global batch, seq+1]."""
     n = strategy.num_replicas_in_sync
-    gradients = tf.function(gradients, jit_compile=jit_compile)
+    gradients = fast.function(gradients, jit_compile=jit_compile)
 
     @tf.function(jit_compile=jit_compile)
     def update_by_mean(params, slots, scaler, grads, lr, t):

@@ -21,13 +21,14 @@ ATTN_BLOCK = 128  # queries per block in causal attention without a cache (see a
 FEW_ROWS = 128    # up to this many rows, products are taken weights-first (see _few_rows_matmul)
 LOSS_ROWS = 512   # rows of logits the fused output layer and loss hold at once (103 MB at 124M)
 
-PLAIN = os.environ.get('GPT2_PLAIN', '') not in ('', '0')  # the switch; read while tracing
-_TWINS = {}
+PLAIN = os.environ.get('GPT2_PLAIN', '') not in ('', '0')  # the switch; see function()
+TWINNED = []   # every plain function bound to a twin by beside()
 
 
 @contextlib.contextmanager
 def plain(on=True):
-    """Within this block, functions traced (or run eagerly) use model.py's plain math."""
+    """Within this block, steps and decoders built (and functions run eagerly) use the plain
+    math."""
     global PLAIN
     before, PLAIN = PLAIN, on
     try:
@@ -36,20 +37,38 @@ def plain(on=True):
         PLAIN = before
 
 
-def beside(plain_fn):
-    """Marks a model.py function that has a fast twin here (registered under its name with
-    _twin): calls go to the twin, handed the plain function first, unless PLAIN is set."""
-    @functools.wraps(plain_fn)
-    def call(*args, **kwargs):
-        twin = None if PLAIN else _TWINS.get(plain_fn.__name__)
-        return plain_fn(*args, **kwargs) if twin is None else twin(plain_fn, *args, **kwargs)
-    call.plain = plain_fn
-    return call
+def beside(twin):
+    """@beside(fast.norm) on a plain function binds its fast twin here to it: calls go to the
+    twin, handed the plain function first, unless the plain switch is on. Bound by object, so a
+    renamed twin fails at import, and each twin serves one plain function."""
+    assert not getattr(twin, 'bound', False), f'{twin.__name__} is already some function\'s twin'
+    twin.bound = True
+
+    def bind(plain_fn):
+        @functools.wraps(plain_fn)
+        def call(*args, **kwargs):
+            if PLAIN:
+                return plain_fn(*args, **kwargs)
+            return call.twin(plain_fn, *args, **kwargs)
+        call.plain, call.twin = plain_fn, twin
+        TWINNED.append(call)
+        return call
+    return bind
 
 
-def _twin(fn):
-    _TWINS[fn.__name__] = fn
-    return fn
+def function(fn=None, *, jit_compile=None):
+    """tf.function(fn, jit_compile=...) whose every trace sees the plain switch as it was when
+    this was called (when the step or decoder was built), whenever the trace happens; factories
+    that cache what they build key it with PLAIN, so plain() never meets a stale trace."""
+    on = PLAIN
+
+    def build(fn):
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            with plain(on):
+                return fn(*args, **kwargs)
+        return tf.function(traced, jit_compile=jit_compile)
+    return build if fn is None else build(fn)
 
 
 def in_xla():
@@ -73,7 +92,6 @@ def compiles_train_step(precision):
 _GELU_C = math.sqrt(2 / math.pi)
 
 
-@_twin
 def gelu(plain_gelu, x):
     """= model.gelu; its gradient keeps only x for backprop and recomputes the tanh there, so
     training holds one [..., 4 * n_embd] tensor per block for it instead of three."""
@@ -90,7 +108,6 @@ def gelu(plain_gelu, x):
     return f(x)
 
 
-@_twin
 def norm(plain_norm, x, p, *, eps=1e-5):
     """= model.norm, (x - mean) * rsqrt(var + eps) * g + b, with its backward written out: from
     TF's own gradient XLA fused the residual stream's gradient into every layer's copy of it and
@@ -210,7 +227,6 @@ def _wide(w, x):
     return tf.cast(w, x.dtype)
 
 
-@_twin
 def linear(plain_linear, x, p):
     """= model.linear, x @ w[0] + b, also for a for_decoding tree's w_t [nf, nx] (w_t = w[0]^T,
     times `scale` per output channel for int8): few rows under XLA as (w_t x^T)^T, more as
@@ -230,7 +246,6 @@ def linear(plain_linear, x, p):
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [nf]], 0))
 
 
-@_twin
 def embed(plain_embed, params, tokens, positions):
     """= model.embed, also for a for_decoding tree's wte {'table', 'scale'}: the rows gathered,
     then widened (and scaled, for int8)."""
@@ -249,7 +264,6 @@ def embed(plain_embed, params, tokens, positions):
     return rows + tf.gather(params['wpe'], positions)
 
 
-@_twin
 def unembed(plain_unembed, h, wte):
     """= model.unembed, h wte^T, also for a for_decoding tree's wte {'table', 'scale'}: for few
     rows under XLA as (wte h^T)^T."""
@@ -280,7 +294,6 @@ def _few_rows_matmul(w_t, x2):
     return xla.optimization_barrier(tf.matmul(w_t, x2, transpose_b=True))[0]
 
 
-@_twin
 def write_cache(plain_write, buffer, present, pos):
     """= model.write_cache (the buffer with `present` put at slot pos); under XLA an in-place
     update of a loop-carried buffer instead of a concatenation that copies it."""
@@ -292,7 +305,6 @@ def write_cache(plain_write, buffer, present, pos):
 
 # ---------------------------------------------------------------- attention
 
-@_twin
 def attend(plain_attend, q, k, v, mask, *, causal=False):
     """= model.attend, softmax(q k^T / sqrt(head_dim), masked) v. One query per row (a decode
     step): a broadcast product and a sum, which XLA streams through in one pass, instead of
@@ -316,7 +328,6 @@ def attend(plain_attend, q, k, v, mask, *, causal=False):
 
 # ---------------------------------------------------------------- the loss
 
-@_twin
 def cross_entropy(plain_cross_entropy, x, wte, targets):
     """= model.cross_entropy, by fused_head_loss."""
     return fused_head_loss(x, wte, targets)

@@ -80,14 +80,14 @@ def to_tensors(params):
         lambda x: x if isinstance(x, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(x), params)
 
 
-@fast.beside
+@fast.beside(fast.gelu)
 def gelu(x):
     """[...] -> [...]: OpenAI's tanh approximation, not the erf form: the weights were trained with
     this one."""
     return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
 
 
-@fast.beside
+@fast.beside(fast.norm)
 def norm(x, p, *, eps=1e-5):
     """[..., n_embd] -> [..., n_embd]: layer norm with OpenAI's epsilon, gain g and shift b."""
     u = tf.reduce_mean(x, axis=-1, keepdims=True)
@@ -95,7 +95,7 @@ def norm(x, p, *, eps=1e-5):
     return (x - u) * tf.math.rsqrt(s + eps) * p['g'] + p['b']
 
 
-@fast.beside
+@fast.beside(fast.linear)
 def linear(x, p):
     """[..., nx] -> [..., nf]: OpenAI's conv1d, x @ w[0] + b with w of shape [1, nx, nf], in w's
     type."""
@@ -124,7 +124,7 @@ def masked(w, mask):
     return tf.where(mask, w, tf.constant(w.dtype.min, w.dtype))
 
 
-@fast.beside
+@fast.beside(fast.attend)
 def attend(q, k, v, mask, *, causal=False):
     """q [batch, n_head, queries, head_dim], k, v [batch, n_head, keys, head_dim] ->
     [batch, n_head, queries, head_dim]: softmax(q k^T / sqrt(head_dim), masked by mask
@@ -135,7 +135,7 @@ def attend(q, k, v, mask, *, causal=False):
     return tf.matmul(tf.cast(w, v.dtype), v)
 
 
-@fast.beside
+@fast.beside(fast.write_cache)
 def write_cache(buffer, present, pos):
     """A layer's buffer [2, batch, n_head, length, head_dim] with `present` (seq long) put at
     slots pos..pos+seq-1."""
@@ -188,7 +188,7 @@ def empty_cache(hparams, batch, length=None, dtype=tf.float32):
     return tuple(tf.zeros(shape, dtype) for _ in range(hparams.n_layer))
 
 
-@fast.beside
+@fast.beside(fast.embed)
 def embed(params, tokens, positions):
     """tokens, positions [batch, seq] -> [batch, seq, n_embd]: token plus position embeddings, in
     wpe's type."""
@@ -196,7 +196,7 @@ def embed(params, tokens, positions):
     return tf.cast(tf.gather(params['wte'], tokens), wpe.dtype) + tf.gather(wpe, positions)
 
 
-@fast.beside
+@fast.beside(fast.unembed)
 def unembed(h, wte):
     """[rows, n_embd] -> logits [rows, n_vocab]: h wte^T (the output layer is tied to the token
     embedding), in wte's type."""
@@ -254,7 +254,7 @@ def forward(hparams, params, tokens, *, cache=None, pos=0, start=None):
     return head(hparams, params, h), cache
 
 
-@fast.beside
+@fast.beside(fast.cross_entropy)
 def cross_entropy(h, wte, targets):
     """h [rows, n_embd] (after ln_f), targets [rows] -> the mean cross-entropy of the targets under
     the logits unembed(h, wte), taken in float32."""
@@ -282,7 +282,7 @@ def make_forward(hparams, *, jit_compile=None):
     trace; `pos` is passed as a tensor, so every position does too. `.tracing_count()` reports
     traces.
     """
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def step(params, tokens, cache, pos, start):
         return forward(hparams, params, tokens, cache=cache, pos=pos, start=start)
 

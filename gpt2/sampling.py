@@ -146,10 +146,10 @@ def greedy(logits):
 
 # ---- the compiled chunk loop ----
 
-@functools.lru_cache(maxsize=16)
 def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, greedy_only=False,
                  top_k=0, top_p=False, penalty=False, jit_compile=None):
-    """A compiled loop that writes up to `chunk` tokens per call, built once per these arguments.
+    """A compiled loop that writes up to `chunk` tokens per call, built once per these arguments
+    and the plain switch (fast.plain()).
 
     Call it as decode(params, state, n, controls): `params` a tuple of n_models trees (swap them
     freely: same shapes, no retrace), `state` a dict (see Decoder), `n` the tokens to write (a
@@ -159,8 +159,15 @@ def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, gre
     given (> 0). `.tracing_count()` reports traces.
     """
     top_k = 0 if top_k >= hparams.n_vocab else top_k
+    return _make_decoder(hparams, batch, length, chunk=chunk, n_models=n_models,
+                         greedy_only=greedy_only, top_k=top_k, top_p=top_p, penalty=penalty,
+                         jit_compile=jit_compile, plain=fast.PLAIN)
 
-    @tf.function(jit_compile=jit_compile)
+
+@functools.lru_cache(maxsize=16)
+def _make_decoder(hparams, batch, length, *, chunk, n_models, greedy_only, top_k, top_p, penalty,
+                  jit_compile, plain):
+    @fast.function(jit_compile=jit_compile)
     def decode(params, state, n, controls):
         start, rows = state['start'], state['rows']
         out = tf.fill([batch, chunk], PAD)
@@ -201,9 +208,16 @@ def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, gre
     return decode
 
 
-@functools.lru_cache(maxsize=16)
+make_decoder.cache_clear = _make_decoder.cache_clear   # (tests count the traces of fresh ones)
+
+
 def _make_prefill(hparams, *, jit_compile=None):
-    @tf.function(jit_compile=jit_compile)
+    return _make_prefill_for(hparams, jit_compile=jit_compile, plain=fast.PLAIN)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_prefill_for(hparams, *, jit_compile, plain):
+    @fast.function(jit_compile=jit_compile)
     def prefill(params, tokens, cache, start):
         _, cache = model.forward(hparams, params, tokens, cache=cache, pos=0, start=start)
         return cache

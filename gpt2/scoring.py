@@ -5,12 +5,17 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from gpt2 import fast
 from gpt2 import model
 
 
-@functools.lru_cache(maxsize=8)
 def _make_logprobs(hparams):
-    @tf.function
+    return _make_logprobs_for(hparams, fast.PLAIN)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_logprobs_for(hparams, plain):
+    @fast.function
     def logprobs(params, tokens):
         # tokens [1, seq] -> log p(tokens[t + 1] | tokens[:t + 1]) [seq - 1]
         logits, _ = model.forward(hparams, params, tokens)

@@ -218,7 +218,7 @@ def make_train_step(hparams, optimizer='adam', *, weight_decay=0.0, max_grad_nor
                                     noised=_make_noised(noise, hparams.n_vocab, jit_compile),
                                     jit_compile=jit_compile)
 
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def step(params, slots, scaler, windows, lr, t, seed):
         names = sorted(slots)
         inputs = _noised(windows[:, :, :-1], seed, noise, hparams.n_vocab)
@@ -299,12 +299,12 @@ def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.
     def top_copy(leaves):  # wte, wpe and ln_f of the tree, wte in the compute type
         return precision_lib.compute_copy(dict(leaves, h=[]), precision)
 
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def forward_block(x, p, mask):
         p = precision_lib.compute_block_copy(p, precision)
         return model.block(x, p, n_head=n_head, mask=mask)[0]
 
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def head(h, top, targets, scale):
         # -> (loss, d(scale * loss)/dh, the same for ln_f's leaves and wte in the output layer)
         leaves = tf.nest.map_structure(tf.convert_to_tensor, top)
@@ -315,7 +315,7 @@ def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.
         dh, grads = tape.gradient(scaled, [h, leaves])
         return loss, dh, grads
 
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def embed_grads(top, inputs, dh):
         # -> the gradients for wte (its rows gathered) and wpe given dh for the first block's input
         leaves = tf.nest.map_structure(tf.convert_to_tensor, top)
@@ -325,7 +325,7 @@ def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.
         return tf.nest.map_structure(tf.convert_to_tensor,
                                      tape.gradient(h, leaves, output_gradients=dh))
 
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def block_step(xs, dys, p, slots, mask, lr, t, decayed):
         # xs, dys [micro-batches, batch, seq, n_embd]: a block's inputs and the gradients of its
         # outputs -> the gradients of its inputs, its update applied (summed over micro-batches).
@@ -420,7 +420,7 @@ def _update_scale(scaler, finite):
 
 def make_eval_step(hparams, *, jit_compile=True):
     """A compiled loss(params, windows [batch, seq+1]) -> mean next-token cross-entropy."""
-    @tf.function(jit_compile=jit_compile)
+    @fast.function(jit_compile=jit_compile)
     def step(params, windows):
         # Gradients are not taken here, so the plain loss, not the fused twin that works them out.
         h, _ = model.hidden(hparams, params, windows[:, :-1])
