@@ -17,7 +17,12 @@ def _report(stats, output, seconds, text_out=None):
                                                       else ''))
 
 
-def encode(*paths, combine=encoding_lib.COMBINE, separator=True, eot_in_text=True, column=0,
+def _model_dir(model_name, models_dir):
+    # --model_name's folder, whose vocabulary encodes the text (None: GPT-2's built-in one)
+    return paths.model_dir(model_name, models_dir) if model_name else None
+
+
+def encode(*files, combine=encoding_lib.COMBINE, separator=True, eot_in_text=True, column=0,
            header=True, encoding='utf-8', errors='strict', model_name=None,
            models_dir=paths.MODELS_DIR, workers=None, compress=True, quiet=False):
     """Encode INPUT... into OUTPUT.npz (the last argument) of GPT-2 tokens.
@@ -54,22 +59,22 @@ def encode(*paths, combine=encoding_lib.COMBINE, separator=True, eot_in_text=Tru
         compress: deflate the .npz (--nocompress: store, faster to write, about 2x larger).
         quiet: no progress bar or summary.
     """
-    if not paths:
+    if not files:
         raise UserError('usage: encode.py INPUT... OUTPUT.npz (see --help)')
-    *inputs, output = map(str, paths)
+    *inputs, output = map(str, files)
     if not inputs:
         raise UserError(f'no inputs before the output {output}: '
-                                     'usage: encode.py INPUT... OUTPUT.npz')
+                        'usage: encode.py INPUT... OUTPUT.npz')
     start = time.perf_counter()
     stats = encoding_lib.encode_files(
-        inputs, output, model_dir=(paths.model_dir(model_name, models_dir) if model_name else None), combine=combine,
+        inputs, output, model_dir=_model_dir(model_name, models_dir), combine=combine,
         separator=separator, eot_in_text=eot_in_text, column=column, header=header,
         encoding=encoding, errors=errors, workers=workers, compress=compress, progress=not quiet)
     if not quiet:
         _report(stats, output, time.perf_counter() - start)
 
 
-def mix(*paths, unit='line', min_chars=1, max_chars=None, strip_punct=False, strip_digits=False,
+def mix(*files, unit='line', min_chars=1, max_chars=None, strip_punct=False, strip_digits=False,
         until='longest', text_out=None, eot_in_text=True, encoding='utf-8', errors='strict',
         model_name=None, models_dir=paths.MODELS_DIR, workers=None, compress=True,
         quiet=False):
@@ -95,15 +100,15 @@ def mix(*paths, unit='line', min_chars=1, max_chars=None, strip_punct=False, str
         eot_in_text, encoding, errors, model_name, models_dir, workers, compress, quiet: as for
             encode.py.
     """
-    if len(paths) < 2:
+    if len(files) < 2:
         raise UserError('usage: encode.py mix SOURCE... OUTPUT.npz (see --help)')
-    *sources, output = map(str, paths)
+    *sources, output = map(str, files)
     start = time.perf_counter()
     stats = mixture_lib.encode_mixture(
         sources, output, unit=unit, min_chars=min_chars, max_chars=max_chars,
         strip_punct=strip_punct, strip_digits=strip_digits, until=until, text_out=text_out,
         encoding_name=encoding, errors=errors, workers=workers, compress=compress,
-        progress=not quiet, model_dir=(paths.model_dir(model_name, models_dir) if model_name else None),
+        progress=not quiet, model_dir=_model_dir(model_name, models_dir),
         eot_in_text=eot_in_text)
     if not quiet:
         _report(stats, output, time.perf_counter() - start, text_out)

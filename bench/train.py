@@ -29,10 +29,11 @@ def _our_step(batch, seq, recompute=False, jit_compile=None, precision='fp32', l
               strategy='none'):
     # -> step(i): train.py's step i (1-based) on a random global batch, from fresh 124M weights.
     import numpy as np
-    from gpt2 import distribute, fast, hparams as hparams_lib, model, training
+    from gpt2 import distribute, hparams as hparams_lib, model, training
+    from gpt2 import settings
     strategy = distribute.make_strategy(strategy)
     if jit_compile is None:   # as train.py decides
-        jit_compile = fast.compiles_train_step(precision)
+        jit_compile = settings.compiles_train_step(precision)
     hp = hparams_lib.PRESETS['124M']
     with distribute.scope(strategy):
         state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')

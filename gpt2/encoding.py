@@ -41,13 +41,13 @@ class Item(NamedTuple):
     chars: int = 0
 
 
-def expand_paths(paths):
+def expand_paths(inputs):
     """Files, folders (recursive) and globs -> list of files in order, each folder and glob sorted;
     UserError for a missing path."""
-    if isinstance(paths, str):
-        paths = [paths]
+    if isinstance(inputs, str):
+        inputs = [inputs]
     out = []
-    for p in map(str, paths):
+    for p in map(str, inputs):
         if os.path.isfile(p):
             out.append(p)
         elif os.path.isdir(p):
@@ -229,12 +229,12 @@ def read_npz(path, *, n_vocab=encoder_lib.EOT_ID + 1):
             yield arr.astype(TOKEN_DTYPE), share
 
 
-def corpus_items(paths, *, column=0, header=True, encoding='utf-8', errors='strict',
+def corpus_items(inputs, *, column=0, header=True, encoding='utf-8', errors='strict',
                  piece_chars=PIECE_CHARS):
     """The inputs as a stream of Items: text pieces (a file, or a csv row, is one document) and
     the tokens of each chunk of an .npz."""
     kw = dict(encoding=encoding, errors=errors)
-    for path in expand_paths(paths):
+    for path in expand_paths(inputs):
         low = path.lower()
         if low.endswith('.npz'):
             for arr, n in read_npz(path):
@@ -497,9 +497,9 @@ def check_workers(workers):
     return workers
 
 
-def input_bytes(paths):
-    """Total size of the files `paths` expand to (the progress bar's total)."""
-    return sum(os.path.getsize(p) for p in expand_paths(paths))
+def input_bytes(inputs):
+    """Total size of the files `inputs` expand to (the progress bar's total)."""
+    return sum(os.path.getsize(p) for p in expand_paths(inputs))
 
 
 @contextlib.contextmanager
@@ -515,15 +515,15 @@ def progress_bar(total, desc, enabled=True):
         yield bar.update
 
 
-def encode_files(paths, output, *, column=0, header=True, encoding='utf-8', errors='strict',
+def encode_files(inputs, output, *, column=0, header=True, encoding='utf-8', errors='strict',
                  workers=None, compress=True, progress=True, piece_chars=PIECE_CHARS, **kw):
     """Encode text files, folders, globs, .csv and .npz inputs into the token .npz `output`.
     `kw` goes to encode_items (model_dir, combine, separator, eot_in_text).
     -> {'chunks', 'tokens', 'bytes', 'files'}."""
-    paths = [str(p) for p in paths]
-    if not paths:
+    inputs = [str(p) for p in inputs]
+    if not inputs:
         raise UserError('no inputs: pass text files, folders, globs, .csv or .npz, then OUTPUT.npz')
-    files = expand_paths(paths)
+    files = expand_paths(inputs)
     check_output(output, files)
     workers = check_workers(workers)
     total = sum(os.path.getsize(p) for p in files)

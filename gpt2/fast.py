@@ -76,17 +76,6 @@ def in_xla():
     return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
-# ---------------------------------------------------------------- where the train step runs
-
-def compiles_train_step(precision):
-    """Whether the train step runs under XLA unless told: in fp32 yes (it fuses the elementwise
-    work: 1.6x TF's kernels on a CPU); in bf16 and fp16 only with a GPU, since XLA's CPU backend
-    widens low-precision products to float32 ones (no faster) while TF's oneDNN kernels run bf16
-    products at about twice their float32 rate (BENCHMARKS.md). The optimizer's update is
-    compiled either way."""
-    return precision == 'fp32' or bool(tf.config.list_physical_devices('GPU'))
-
-
 # ---------------------------------------------------------------- gradients that save less
 
 _GELU_C = math.sqrt(2 / math.pi)

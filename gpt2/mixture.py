@@ -6,7 +6,7 @@ import os
 import regex
 
 from gpt2 import encoding
-from gpt2 import errors
+from gpt2 import errors as errors_lib
 from gpt2 import paths
 from gpt2.errors import UserError
 
@@ -105,10 +105,10 @@ def interleave(streams, *, until='longest'):
 def check_options(sources, unit, min_chars, max_chars, until):
     if len(sources) < 1:
         raise UserError('mix needs at least one source (usually two or more) before OUTPUT.npz')
-    errors.check_choice('unit', unit, UNITS)
-    errors.check_choice('until', until, UNTIL)
-    errors.check_whole('min_chars', min_chars)
-    if max_chars is not None and not errors.is_whole(max_chars, max(min_chars, 1)):
+    errors_lib.check_choice('unit', unit, UNITS)
+    errors_lib.check_choice('until', until, UNTIL)
+    errors_lib.check_whole('min_chars', min_chars)
+    if max_chars is not None and not errors_lib.is_whole(max_chars, max(min_chars, 1)):
         raise UserError(f'--max_chars={max_chars!r}: expected a whole number >= --min_chars '
                         f'({min_chars}) and >= 1')
 

@@ -7,7 +7,6 @@ import numbers
 
 from gpt2 import dataset
 from gpt2 import errors
-from gpt2 import fast
 from gpt2 import optim
 from gpt2 import paths
 from gpt2 import precision
@@ -19,6 +18,16 @@ STRATEGIES = ('none', 'mirrored', 'multi_worker', 'tpu')
 # --keep_optimizer_state: the optimizer slots (for Adam twice the weights) stay in the newest
 # checkpoint's sidecar only, or in every checkpoint's.
 LATEST, ALL = 'latest', 'all'
+
+
+def compiles_train_step(products):
+    """Whether the train step runs under XLA unless told, for products in `products` (the
+    precision): in fp32 yes (it fuses the elementwise work); in bf16 and fp16 only with a GPU,
+    since XLA's CPU backend widens low-precision products to float32 ones while TF's oneDNN
+    kernels run bf16 products natively (BENCHMARKS.md has both). The optimizer's update is
+    compiled either way."""
+    import tensorflow as tf   # (settings are made, and checked, before TensorFlow is needed)
+    return products == 'fp32' or bool(tf.config.list_physical_devices('GPU'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +70,7 @@ class TrainSettings:
     curriculum: object = None
     combine: int = 50000              # characters per joined text chunk (nshepperd's default)
     precision: str = 'fp32'           # the products' type: gpt2/precision.py
-    # None: fast.compiles_train_step(precision) decides (XLA for fp32, where it trained 1.6x
-    # faster in 0.3x less memory than TF's own kernels at 124M on a CPU; BENCHMARKS.md).
+    # None: compiles_train_step(precision) decides
     jit_compile: bool = None
     strategy: str = 'none'            # tf.distribute: gpt2/distribute.py
     tpu: str = None                   # --strategy tpu: the TPU's name or grpc:// address
@@ -131,7 +139,7 @@ class TrainSettings:
             raise UserError('--layerwise applies each block\'s update as its gradient appears, '
                             'before the replicas could average them: use --strategy none with it')
         if self.jit_compile is None:
-            object.__setattr__(self, 'jit_compile', fast.compiles_train_step(self.precision))
+            object.__setattr__(self, 'jit_compile', compiles_train_step(self.precision))
         if self.weight_decay is None:
             object.__setattr__(self, 'weight_decay', optim.default_weight_decay(self.optimizer))
         if self.curriculum and self.dataset:

@@ -228,6 +228,34 @@ def test_model_vocabulary_falls_back_to_the_built_in_one(tmp_path):
     assert chunks[0].tolist() == ENC.encode('same ids')
 
 
+def _model_with_its_own_vocabulary(models_dir):
+    # models_dir/mine/ with GPT-2's vocabulary less its later merges, so its ids differ
+    folder = models_dir / 'mine'
+    folder.mkdir(parents=True)
+    built_in = os.path.dirname(encoder.__file__)
+    with open(os.path.join(built_in, 'encoder.json'), encoding='utf-8') as f:
+        _write(folder / 'encoder.json', f.read())
+    with open(os.path.join(built_in, 'vocab.bpe'), encoding='utf-8') as f:
+        _write(folder / 'vocab.bpe', ''.join(f.readlines()[:2000]))
+    return str(folder)
+
+
+@pytest.mark.parametrize('command', ['encode', 'mix'])
+def test_script_encodes_with_the_vocabulary_of_model_name(tmp_path, command):
+    # (encode.py's *paths once hid the module gpt2.paths: --model_name was an AttributeError)
+    text = 'Meditations on the unremarkable'
+    _write(tmp_path / 'a.txt', text + '\n')
+    mine = encoder.get_encoder(_model_with_its_own_vocabulary(tmp_path / 'models'))
+    assert mine.encode(text) != ENC.encode(text)
+    args = ['mix', 'a.txt', 'a.txt'] if command == 'mix' else ['a.txt']
+    r = _run(*args, 'o.npz', '--model_name=mine', '--models_dir=models', '--workers=1',
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / 'o.npz') as z:
+        ids = z['arr_0'].tolist()
+    assert ids[:len(mine.encode(text))] == mine.encode(text)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_missing_input(tmp_path):
