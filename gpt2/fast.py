@@ -1,6 +1,7 @@
-"""Speed beside the math: each function here computes what its plain twin in gpt2/model.py computes
-(named in its docstring), faster or in less memory on some device or shape; BENCHMARKS.md holds
-their measurements. `plain()` (or GPT2_PLAIN=1) runs model.py's plain math everywhere instead.
+"""Speed beside the math: each function here computes what its plain twin in gpt2/model.py (or, for
+the sampling filters, gpt2/sampling.py) computes, named in its docstring, faster or in less memory
+on some device or shape; BENCHMARKS.md holds their measurements. `plain()` (or GPT2_PLAIN=1) runs
+the plain math everywhere instead.
 
 The only module that imports private TensorFlow APIs (XLA's in-place update and optimization
 barrier, and the check for an XLA context, have no public API in TF 2).
@@ -378,3 +379,51 @@ def fused_head_loss(x, wte, targets, *, rows=None):
         return total / n, grad
 
     return loss(x, wte)
+
+
+# ---------------------------------------------------------------- sampling filters without a sort
+
+def _order_keys(logits):
+    # int32 keys in the same order as the float32 values: flipping a negative float's lower 31
+    # bits reverses the order among negatives and keeps them below the positives. -0.0 is made
+    # +0.0 first: the two are one value (a tie), but their bits would give two keys.
+    logits = tf.where(logits == 0, tf.zeros_like(logits), logits)
+    bits = tf.bitcast(logits, tf.int32)
+    return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, tf.constant(0x7fffffff)), bits)
+
+
+def _smallest_key(keys, pred):
+    """[batch] the smallest int32 key t per row with pred(t [batch, 1]) [batch] true, for pred
+    false then true as t grows and true at the row's largest key: 32 halvings of the key range,
+    each a pass over the row, where XLA's CPU sort (and top_k, which uses it) costs more than the
+    model's whole decode step (BENCHMARKS.md)."""
+    lo, hi = tf.reduce_min(keys, axis=-1), tf.reduce_max(keys, axis=-1)
+    one = tf.constant(1)
+    for _ in range(32):
+        # floor((lo + hi) / 2) without overflowing int32
+        mid = (tf.bitwise.right_shift(lo, one) + tf.bitwise.right_shift(hi, one) +
+               tf.bitwise.bitwise_and(tf.bitwise.bitwise_and(lo, hi), one))
+        ok = pred(mid[:, None])
+        hi = tf.where(ok, mid, hi)
+        lo = tf.where(ok, lo, mid + 1)
+    return lo
+
+
+def top_k_logits(plain_top_k, logits, k):
+    """= sampling.top_k_logits, its k-th largest logit found by halving the key range: the
+    smallest key t with fewer than k keys above it."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    keys = _order_keys(logits)
+    kth = _smallest_key(keys, lambda t: tf.reduce_sum(tf.cast(keys > t, tf.int32), -1) < k)
+    return tf.where(keys < kth[:, None], tf.constant(-math.inf, logits.dtype), logits)
+
+
+def top_p_logits(plain_top_p, logits, p):
+    """= sampling.top_p_logits, its least likely kept token found by halving the key range: the
+    smallest key t with less than p of the probability strictly above it."""
+    keys = _order_keys(logits)
+    probs = tf.nn.softmax(logits)
+    last = _smallest_key(
+        keys, lambda t: tf.reduce_sum(tf.where(keys > t, probs, tf.zeros_like(probs)), -1) < p)
+    return tf.where(keys < last[:, None], tf.constant(-math.inf, logits.dtype), logits)

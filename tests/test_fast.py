@@ -13,6 +13,7 @@ import tensorflow as tf
 from gpt2 import checkpoint
 from gpt2 import fast
 from gpt2 import model
+from gpt2 import sampling
 from gpt2 import training
 from tests.test_model import lively_params, tokens_for
 
@@ -117,3 +118,42 @@ def test_plain_takes_no_twin(setup, calls):
         model.forward(hp, tree, tokens_for(hp, 1, hp.n_ctx))
         assert fast.recomputed(model.block) is model.block
     assert not calls and 'w_t' not in tree['h'][0]['attn']['c_attn']
+
+
+def _scaled(out):
+    # every float tensor of a result, times 1.5: what a wrong twin might give
+    return tf.nest.map_structure(lambda t: t * 1.5 if t.dtype.is_floating else t, out)
+
+
+@pytest.mark.parametrize('fn', fast.TWINNED, ids=lambda fn: fn.__name__)
+def test_the_plain_switch_covers_every_twin_of_a_built_decoder_and_step(setup, monkeypatch, fn):
+    """With one twin broken, what fast.plain() builds gives exactly what it gave before: a
+    decoder (also when one built without the switch is cached) and a train step (also when it is
+    first traced after the block); built without it, the decode or the loss changes (so the twin
+    ran)."""
+    hp, p = setup
+    windows = tokens_for(hp, 2, hp.n_ctx + 1, seed=3)
+
+    def decode(fresh=True):
+        if fresh:
+            sampling.make_decoder.cache_clear()
+        return sampling.generate(hp, p, prompts=[[1, 2], [3]], nsamples=2, batch_size=2,
+                                 length=12, temperature=1.0, top_k=5, top_p=0.8, seed=4,
+                                 repetition_penalty=1.2, jit_compile=False)
+
+    def make_step():
+        return fast.function(lambda p, w: training.loss_and_grads(hp, p, w)[0])
+
+    def loss(step):
+        return float(step(model.to_tensors(p), windows))
+    with fast.plain():
+        plain_ref = decode(), loss(make_step())
+    fast_ref = decode(), loss(make_step())
+    twin = fn.twin
+    monkeypatch.setattr(fn, 'twin', lambda *a, **k: _scaled(twin(*a, **k)))
+    broken = decode(), loss(make_step())   # (and the broken fast decoder stays cached)
+    with fast.plain():
+        tokens = decode(fresh=False)
+        step = make_step()
+    assert (tokens, loss(step)) == plain_ref
+    assert broken != fast_ref, fn.__name__

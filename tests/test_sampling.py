@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import checkpoint, model, sampling
+from gpt2 import checkpoint, fast, model, sampling
 from gpt2.errors import UserError
 from tests.conftest import run_sample_py
 
@@ -20,14 +20,22 @@ def full_logits(hp, params, toks):
 
 # ---- filters ----
 
-def test_top_k_keeps_k_largest():
+@pytest.fixture(params=['sort-free', 'sorted'])
+def filters(request):
+    """Each filter test runs on fast.py's sort-free twins and on sampling.py's plain filters,
+    which sort."""
+    with fast.plain(request.param == 'sorted'):
+        yield request.param
+
+
+def test_top_k_keeps_k_largest(filters):
     logits = tf.constant([[1.0, 5.0, 3.0, -2.0, 4.0]])
     out = sampling.top_k_logits(logits, 2).numpy()[0]
     assert np.isfinite(out).tolist() == [False, True, False, False, True]
     assert sampling.top_k_logits(logits, 0).numpy().tolist() == logits.numpy().tolist()
 
 
-def test_top_p_keeps_smallest_set_reaching_p():
+def test_top_p_keeps_smallest_set_reaching_p(filters):
     probs = np.array([[0.5, 0.05, 0.3, 0.15]])
     logits = tf.constant(np.log(probs), tf.float32)
     keep = lambda p, k=0: np.isfinite(sampling.top_p_logits(  # noqa: E731
@@ -43,7 +51,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 
 @pytest.mark.parametrize('jit', [False, True])
-def test_filters_take_minus_zero_and_zero_as_a_tie(jit):
+def test_filters_take_minus_zero_and_zero_as_a_tie(jit, filters):
     """-0.0 and 0.0 are one logit: top-k keeps both when they tie with the k-th, top-p keeps both
     when either is kept. (Ordered by their bits, -0.0 sorted below 0.0 and was dropped.)"""
     logits = tf.constant([[1.0, 0.0, -0.0, -1.0], [-0.0, 0.0, -5.0, -5.0]])
@@ -76,9 +84,8 @@ def _reference_filters(logits, k, p):
 
 
 @pytest.mark.parametrize('jit', [False, True])
-def test_filters_match_sorting_reference(jit):
-    """The filters find their thresholds by halving the key range, never sorting: against a
-    NumPy sort on rows with ties, negative, tiny and huge values."""
+def test_filters_match_sorting_reference(jit, filters):
+    """Both filters against a NumPy sort on rows with ties, negative, tiny and huge values."""
     rng = np.random.default_rng(0)
     rows = [rng.normal(0, 3, 97), rng.integers(-3, 3, 97).astype(float),
             -np.abs(rng.normal(0, 1e-3, 97)), rng.normal(0, 1, 97) * 1e4,
@@ -102,7 +109,7 @@ def test_repetition_penalty_ctrl_rule_negative_logits():
     assert out.tolist() == [1.0, -4.0, 1.0, -1.0]    # both seen tokens become less likely
 
 
-def test_filter_order_temperature_then_top_k_then_top_p():
+def test_filter_order_temperature_then_top_k_then_top_p(filters):
     logits = tf.constant([[2.0, 1.0, 0.0, -1.0]])
     out = sampling.filter_logits(logits, temperature=tf.constant(0.5), top_k=3,
                                  top_p=tf.constant(0.9)).numpy()[0]
