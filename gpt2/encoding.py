@@ -505,7 +505,7 @@ def input_bytes(inputs):
 @contextlib.contextmanager
 def progress_bar(total, desc, enabled=True):
     """A tqdm bar in bytes (shown on a terminal) -> its update function; None when not enabled,
-    without importing or setting up tqdm (about 20 ms, a lock included)."""
+    without importing or setting up tqdm (which takes a lock and a while)."""
     if not enabled:
         yield None
         return
