@@ -11,10 +11,10 @@ import safetensors
 import safetensors.numpy
 
 import encoder as encoder_lib
-from gpt2 import cli
 from gpt2 import errors
 from gpt2 import hparams as hparams_lib
 from gpt2 import paths
+from gpt2 import quiet
 from gpt2.errors import UserError
 
 CONFIG = 'config.json'
@@ -362,7 +362,7 @@ def _write_json(path, obj):
 def _checkpoint_lib():
     """gpt2.checkpoint, imported only once a folder passed the checks that need no TensorFlow:
     its import takes seconds (a mistake is told at once instead), with a banner on stderr that
-    cli.quiet_tensorflow keeps off, as every script does."""
-    cli.quiet_tensorflow()
+    quiet.import_tensorflow keeps off, as every script does."""
+    quiet.import_tensorflow()
     from gpt2 import checkpoint
     return checkpoint

@@ -288,8 +288,8 @@ def verify(folder, *, progress=True):
     # TensorFlow loads here, not at import: bad names and flags fail without a 2 s wait.
     import numpy as np
 
-    from gpt2 import checkpoint, cli
-    cli.quiet_tensorflow()
+    from gpt2 import checkpoint, quiet
+    quiet.import_tensorflow()
     import tensorflow as tf
 
     hparams_path = os.path.join(folder, hparams_lib.FILENAME)
