@@ -2,17 +2,18 @@
 and fixed validation batches."""
 import numpy as np
 
+from gpt2 import corpus
 from gpt2 import encoding as encoding_lib
 from gpt2.errors import UserError
 
 
-expand_paths = encoding_lib.expand_paths  # files, folders (recursive), globs -> files
+expand_paths = corpus.expand_paths  # files, folders (recursive), globs -> files
 
 
 def load_npz(path):
     """Chunks stored by encode.py (or nshepperd's encode.py): one 1-D token array (int32) per
-    entry, checked as encoding.read_npz checks them."""
-    return [arr.astype(np.int32) for arr, _ in encoding_lib.read_npz(path)]
+    entry, checked as corpus.read_npz checks them."""
+    return [arr.astype(np.int32) for arr, _ in corpus.read_npz(path)]
 
 
 def load_chunks(paths, enc=None, *, combine=encoding_lib.COMBINE, separator=True,
@@ -22,8 +23,7 @@ def load_chunks(paths, enc=None, *, combine=encoding_lib.COMBINE, separator=True
     on the fly exactly as encode.py writes them (same flags, see encode.py --help): small text
     files are joined, separated by <|endoftext|> (id 50256), into chunks of at least `combine`
     characters (nshepperd's rule). `enc`: an encoder.Encoder (default: the built-in vocabulary)."""
-    items = encoding_lib.corpus_items(paths, column=column, header=header, encoding=encoding,
-                                      errors=errors)
+    items = corpus.read(paths, column=column, header=header, encoding=encoding, errors=errors)
     chunks = encoding_lib.chunks_in_memory(encoding_lib.encode_items(
         items, enc=enc, combine=combine, separator=separator, eot_in_text=eot_in_text,
         workers=workers))

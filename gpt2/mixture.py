@@ -5,6 +5,7 @@ import os
 
 import regex
 
+from gpt2 import corpus
 from gpt2 import encoding
 from gpt2 import errors as errors_lib
 from gpt2 import paths
@@ -23,7 +24,7 @@ _SPACE_RUN = regex.compile(r'[^\S\n]{2,}')
 def _lines(path, **kw):
     """The lines of a file without their line ends, read in blocks."""
     rest = ''
-    for text, _ in encoding.read_blocks(path, **kw):
+    for text, _ in corpus.read_blocks(path, **kw):
         lines = (rest + text).split('\n')
         rest = lines.pop()
         yield from lines
@@ -61,7 +62,7 @@ def units(path, unit, **kw):
 
 def clean(text, *, strip_punct=False, strip_digits=False):
     """Remove Unicode punctuation and/or decimal digits, then runs of spaces they leave behind and
-    trailing whitespace (a unit always ends with a visible character, see encoding.cut_point)."""
+    trailing whitespace (a unit always ends with a visible character, see corpus.cut_point)."""
     if strip_punct:
         text = _PUNCT.sub('', text)
     if strip_digits:
@@ -76,7 +77,7 @@ def source_units(source, unit, *, min_chars=1, max_chars=None, strip_punct=False
                  strip_digits=False, **kw):
     """Cleaned units of a source (a file, folder or glob), keeping those of min_chars..max_chars
     characters (measured after cleaning; longer units are dropped, not cut)."""
-    for path in encoding.expand_paths(source):
+    for path in corpus.expand_paths(source):
         if path.lower().endswith('.npz'):
             raise UserError(f'{path}: a mixture needs text sources, not token files')
         for u in units(path, unit, **kw):
@@ -118,13 +119,13 @@ def mixture(sources, *, unit='line', min_chars=1, max_chars=None, strip_punct=Fa
     """The mixed units, in order (each source: a file, folder or glob)."""
     check_options(sources, unit, min_chars, max_chars, until)
     for s in sources:
-        encoding.expand_paths(s)  # a missing source fails now, not after minutes of mixing
+        corpus.expand_paths(s)  # a missing source fails now, not after minutes of mixing
     kw = dict(min_chars=min_chars, max_chars=max_chars, strip_punct=strip_punct,
               strip_digits=strip_digits, encoding=encoding_name, errors=errors)
     return interleave([source_units(s, unit, **kw) for s in sources], until=until)
 
 
-def mixture_items(mixed, unit, *, text_out=None, piece_chars=encoding.PIECE_CHARS):
+def mixture_items(mixed, unit, *, text_out=None, piece_chars=corpus.PIECE_CHARS):
     """The mixture as one document of encoding items, each piece cut between two units (always a
     safe cut: a unit ends with a visible character and the joiner is whitespace). The text,
     joiners and a final newline included, is also written to the open file `text_out`."""
@@ -150,13 +151,13 @@ def _piece(parts, text_out, end=False):
     if text_out is not None:
         text_out.write(text)
     nbytes = len(text.encode('utf-8'))
-    return encoding.Item(encoding.TEXT, text, nbytes, doc_end=end)
+    return corpus.Item(corpus.TEXT, text, nbytes, doc_end=end)
 
 
 def encode_mixture(sources, output, *, unit='line', min_chars=1, max_chars=None,
                    strip_punct=False, strip_digits=False, until='longest', text_out=None,
                    encoding_name='utf-8', errors='strict', workers=None, compress=True,
-                   progress=True, piece_chars=encoding.PIECE_CHARS, **kw):
+                   progress=True, piece_chars=corpus.PIECE_CHARS, **kw):
     """Mix `sources` and encode the mixture (one document) into the token .npz `output`; with
     `text_out`, also write the mixed text there (atomically, like the .npz).
     `kw` goes to encoding.encode_items (model_dir, eot_in_text). -> stats dict."""
@@ -164,7 +165,7 @@ def encode_mixture(sources, output, *, unit='line', min_chars=1, max_chars=None,
     mixed = mixture(sources, unit=unit, min_chars=min_chars, max_chars=max_chars,
                     strip_punct=strip_punct, strip_digits=strip_digits, until=until,
                     encoding_name=encoding_name, errors=errors)
-    files = [p for s in sources for p in encoding.expand_paths(s)]
+    files = [p for s in sources for p in corpus.expand_paths(s)]
     encoding.check_output(output, files)
     if text_out is not None:
         text_out = str(text_out)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import encoder
 from encoder import bpe
-from gpt2 import encoding, mixture
+from gpt2 import corpus, encoding, mixture
 from gpt2.errors import UserError
 from tests.conftest import ROOT, real_text
 
@@ -58,7 +58,7 @@ def test_fast_pretokenizer_splits_as_the_reference_pattern(text):
 @given(TEXT, TEXT)
 def test_cut_point_is_safe(a, b):
     text = a + b
-    p = encoding.cut_point(text)
+    p = corpus.cut_point(text)
     assert 0 <= p < max(len(text), 1)
     if p:
         assert ENC.encode(text[:p]) + ENC.encode(text[p:]) == ENC.encode(text)
@@ -86,7 +86,7 @@ def test_encode_array_matches_tiktoken_on_a_real_text():
 def test_pieces_of_a_real_text_encode_as_the_whole(tmp_path):
     text = _corpus_sample() + '\r\nlast line  \n\n  '
     path = _write(tmp_path / 'c.txt', text)
-    pieces = list(encoding.read_pieces(path, piece_chars=3000, block=1000))
+    pieces = list(corpus.read_pieces(path, piece_chars=3000, block=1000))
     assert len(pieces) > 10
     assert all(len(p) < 4000 for p, _ in pieces)
     assert ''.join(p for p, _ in pieces) == text
@@ -100,7 +100,7 @@ def test_a_large_read_block_is_cut_into_pieces_of_the_piece_size(tmp_path):
     # become a single 1 MB task. The block's bytes are shared among its pieces.
     text = _corpus_sample()
     path = _write(tmp_path / 'c.txt', text)
-    pieces = list(encoding.read_pieces(path, piece_chars=3000, block=1 << 20))
+    pieces = list(corpus.read_pieces(path, piece_chars=3000, block=1 << 20))
     assert len(pieces) > 15 and all(len(p) <= 3000 for p, _ in pieces)
     assert ''.join(p for p, _ in pieces) == text
     assert all(n > 0 for _, n in pieces) and sum(n for _, n in pieces) == os.path.getsize(path)
@@ -108,7 +108,7 @@ def test_a_large_read_block_is_cut_into_pieces_of_the_piece_size(tmp_path):
 
 def test_pieces_are_bounded_by_the_piece_size_not_the_file(tmp_path):
     path = _write(tmp_path / 'big.txt', 'word ' * 10 + ('line of text\n' * 40000))
-    sizes = [len(p) for p, _ in encoding.read_pieces(path, piece_chars=4096, block=1024)]
+    sizes = [len(p) for p, _ in corpus.read_pieces(path, piece_chars=4096, block=1024)]
     assert max(sizes) < 4096 + 1024 and len(sizes) > 100
 
 
@@ -281,7 +281,7 @@ def test_binary_file(tmp_path):
 def test_invalid_utf8_reports_the_byte_offset(tmp_path):
     bad = _write(tmp_path / 'l.txt', b'caf\xc3\xa9 ' * 10 + b'na\xefve\n', mode='wb')
     with pytest.raises(UserError, match=r'l.txt is not valid utf-8: byte 62 is ef'):
-        list(encoding.read_blocks(bad, block=16))  # the bad byte lies in a later block
+        list(corpus.read_blocks(bad, block=16))  # the bad byte lies in a later block
     with pytest.raises(UserError, match='byte 62'):
         _encode(tmp_path, [bad])
     chunks, _, _ = _encode(tmp_path, [bad], errors='replace')
@@ -392,5 +392,5 @@ def test_progress_bar_is_skipped_when_off(tmp_path):
         update(40)  # tqdm's update, silent off a terminal
     a = _write(tmp_path / 'a.txt', 'counted in bytes')
     seen = []
-    list(encoding.encode_items(encoding.corpus_items([a]), progress=seen.append))
+    list(encoding.encode_items(corpus.read([a]), progress=seen.append))
     assert sum(seen) == os.path.getsize(a)
