@@ -1,15 +1,16 @@
-"""training.make_layerwise_step and the memory it saves: the same update as the whole step
-(make_train_step), each piece compiled once for every block, exact resume through train(), the
-settings it refuses, and TrainState taking the weights without a second copy. Its peak memory is
-measured in bench/memory.py (BENCHMARKS.md), not here."""
+"""gpt2/layerwise.py's make_layerwise_step and the memory it saves: the same update as the whole
+step (step.make_train_step), each piece compiled once for every block, exact resume through
+train(), the settings it refuses, and TrainState taking the weights without a second copy. Its
+peak memory is measured in bench/memory.py (BENCHMARKS.md), not here."""
 import numpy as np
 import pytest
 
 from gpt2 import checkpoint
 from gpt2 import hparams as hparams_lib
+from gpt2 import layerwise
 from gpt2 import model
 from gpt2 import runs
-from gpt2 import training
+from gpt2 import step as step_lib
 from gpt2.errors import UserError
 from gpt2.settings import TrainSettings
 from tests.test_training import _leaves, _npz, _pattern, _train
@@ -19,9 +20,9 @@ LR = 1e-3
 
 def _steps(hp, kind, optimizer, *, n=1, noise=0.0, precision='fp32', jit_compile=True,
            only_transformer=False, steps=3):
-    state = training.TrainState(hp, model.init_params(hp, seed=1), optimizer,
+    state = step_lib.TrainState(hp, model.init_params(hp, seed=1), optimizer,
                                 only_transformer=only_transformer)
-    make = training.make_layerwise_step if kind == 'layerwise' else training.make_train_step
+    make = layerwise.make_layerwise_step if kind == 'layerwise' else step_lib.make_train_step
     step = make(hp, optimizer, weight_decay=0.01, noise=noise, precision=precision,
                 jit_compile=jit_compile)
     rng = np.random.default_rng(0)
@@ -105,10 +106,10 @@ def test_settings_refuse_what_layerwise_cannot_do():
 def test_train_state_can_take_the_weights_without_a_copy(tiny):
     tree = model.init_params(tiny, seed=2)
     want = _leaves(tree)
-    state = training.TrainState(tiny, tree, 'sgd', consume=True)
+    state = step_lib.TrainState(tiny, tree, 'sgd', consume=True)
     assert all(v is None for v in checkpoint.flatten(tree).values())   # the tree let go
     got = _leaves(state.params)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     kept = model.init_params(tiny, seed=2)
-    training.TrainState(tiny, kept, 'sgd')
+    step_lib.TrainState(tiny, kept, 'sgd')
     assert all(isinstance(v, np.ndarray) for v in checkpoint.flatten(kept).values())

@@ -15,6 +15,7 @@ from gpt2 import model
 from gpt2 import paths
 from gpt2 import runs
 from gpt2 import settings
+from gpt2 import step as step_lib
 from gpt2 import training
 from gpt2.errors import UserError
 from tests.conftest import ROOT
@@ -217,7 +218,7 @@ def test_a_save_is_on_the_disk_before_the_state_file_names_it(tmp_path, tiny, sy
     renames, the sidecar, the folder, the state file) or done after the state file's rename: a
     power cut then could leave a state file naming empty files."""
     run = tmp_path / 'run'
-    state = training.TrainState(tiny, model.init_params(tiny), 'adam')
+    state = step_lib.TrainState(tiny, model.init_params(tiny), 'adam')
     prefix = str(run / 'model-3')
     runs.save(state, prefix, {'step': 3})
     state_file = os.path.realpath(run / checkpoint.STATE_FILE)

@@ -20,6 +20,7 @@ from gpt2 import model
 from gpt2 import optim
 from gpt2 import runs
 from gpt2 import settings
+from gpt2 import step as step_lib
 from gpt2 import training
 from gpt2.errors import UserError
 from tests.conftest import OPENAI_117M, ROOT, require_shared
@@ -218,8 +219,8 @@ def test_accumulation_equals_a_bigger_batch(tiny):
     w = _windows(tiny, 4, 17)
     results = []
     for shape in ([1, 4, 17], [2, 2, 17]):
-        state = training.TrainState(tiny, model.init_params(tiny, seed=3), 'sgd')
-        step = training.make_train_step(tiny, 'sgd')
+        state = step_lib.TrainState(tiny, model.init_params(tiny, seed=3), 'sgd')
+        step = step_lib.make_train_step(tiny, 'sgd')
         losses = [float(step(state, w.reshape(shape), 0.5, t, [0, t])) for t in (1, 2)]
         results.append((losses, _leaves(state.params)))
     (l1, p1), (l2, p2) = results
@@ -230,12 +231,12 @@ def test_accumulation_equals_a_bigger_batch(tiny):
 
 def _record_step_inputs(monkeypatch):
     """Make every compiled step (traced after this) record, per micro-batch, the inputs and the
-    windows that training.loss_and_grads gets: the loss predicts windows[:, 1:] from the inputs.
+    windows that step.loss_and_grads gets: the loss predicts windows[:, 1:] from the inputs.
     Returns the list the (inputs, windows) NumPy pairs go to, step by step (within a step the
     micro-batches may come in any order). Needs jit_compile False: tf.py_function does not
     compile under XLA."""
     seen = []
-    real = training.loss_and_grads
+    real = step_lib.loss_and_grads
 
     def recording(hparams, params, windows, *, inputs=None, **kw):
         x = windows[:, :-1] if inputs is None else inputs
@@ -245,7 +246,7 @@ def _record_step_inputs(monkeypatch):
             return np.int32(0)
         tf.py_function(keep, [x, windows], tf.int32)  # stateful: runs without being used
         return real(hparams, params, windows, inputs=inputs, **kw)
-    monkeypatch.setattr(training, 'loss_and_grads', recording)
+    monkeypatch.setattr(step_lib, 'loss_and_grads', recording)
     return seen
 
 
@@ -260,8 +261,8 @@ def test_noise_replaces_inputs_at_its_rate_over_the_vocabulary_and_never_targets
     P / 2, replacements drawn from half the vocabulary, the same seed at every step."""
     seen = _record_step_inputs(monkeypatch)
     p, steps, v = 0.2, 12, tiny.n_vocab
-    state = training.TrainState(tiny, model.init_params(tiny), 'sgd')
-    step = training.make_train_step(tiny, 'sgd', noise=p, jit_compile=False)
+    state = step_lib.TrainState(tiny, model.init_params(tiny), 'sgd')
+    step = step_lib.make_train_step(tiny, 'sgd', noise=p, jit_compile=False)
     given = [_windows(tiny, 16, tiny.n_ctx + 1, seed=t).reshape(2, 8, -1) for t in range(steps)]
     for t, w in enumerate(given):
         step(state, w, 0.0, t + 1, [7, t])
@@ -297,8 +298,8 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only(tiny, optimizer):
     w = _windows(tiny, 2, 17).reshape(1, 2, 17)
     after = {}
     for d in (0.0, wd):
-        state = training.TrainState(tiny, tree, optimizer)
-        step = training.make_train_step(tiny, optimizer, weight_decay=d, jit_compile=False)
+        state = step_lib.TrainState(tiny, tree, optimizer)
+        step = step_lib.make_train_step(tiny, optimizer, weight_decay=d, jit_compile=False)
         step(state, w, lr, 1, [0, 0])
         after[d] = _leaves(state.params)
     before = _leaves(tree)
@@ -323,11 +324,11 @@ def test_max_grad_norm_scales_the_gradients_to_that_global_norm(tiny, ratio):
     gradients always scaled to max_norm (even up)."""
     tree, lr = _random_tree(tiny, 5), 10.0
     w = _windows(tiny, 2, 17)
-    _, grads = training.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
+    _, grads = step_lib.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
     grads = {k: g.numpy().astype(np.float64) for k, g in grads.items()}
     norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
-    state = training.TrainState(tiny, tree, 'sgd')
-    step = training.make_train_step(tiny, 'sgd', max_grad_norm=ratio * norm, jit_compile=False)
+    state = step_lib.TrainState(tiny, tree, 'sgd')
+    step = step_lib.make_train_step(tiny, 'sgd', max_grad_norm=ratio * norm, jit_compile=False)
     step(state, w[None], lr, 1, [0, 0])
     before, after = _leaves(tree), _leaves(state.params)
     scale = min(1.0, ratio)  # max_norm / norm
@@ -428,8 +429,8 @@ def test_adafactor_equals_a_reference_of_its_documented_rule(shape):
 def test_one_micro_batch_compiles_no_accumulation_loop(tiny):
     """An empty accumulation loop left in the program once kept --memory_saving_gradients from
     saving anything (XLA's temporary buffer at 124M 1 x 1024: 1.11 GB with it, 0.44 without)."""
-    state = training.TrainState(tiny, model.init_params(tiny, seed=3), 'adam')
-    step = training.make_train_step(tiny, 'adam', recompute=True)
+    state = step_lib.TrainState(tiny, model.init_params(tiny, seed=3), 'adam')
+    step = step_lib.make_train_step(tiny, 'adam', recompute=True)
     hlo = {n: step.optimized_hlo(state, _windows(tiny, n, 17).reshape([n, 1, 17]))
            for n in (1, 2)}
     loops = {n: text.count(' while(') for n, text in hlo.items()}
@@ -441,7 +442,7 @@ def _with_and_without_recompute(hp, jit_compile):
     params = model.to_tensors(_random_tree(hp, 1))
     w = tf.constant(_windows(hp, 2, 20))
     def compiled(recompute):
-        return tf.function(lambda p, x: training.loss_and_grads(hp, p, x, recompute=recompute),
+        return tf.function(lambda p, x: step_lib.loss_and_grads(hp, p, x, recompute=recompute),
                            jit_compile=jit_compile)
     return params, w, {r: compiled(r) for r in (False, True)}
 
@@ -618,7 +619,7 @@ def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
     out = hf(input_ids=x, labels=x)  # HF shifts: predicts x[:, 1:] from x[:, :-1], as we do
     out.loss.backward()
     grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
-    loss, ours = training.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
+    loss, ours = step_lib.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), atol=1e-4)
     rel = {}
     for k, g in ours.items():
