@@ -22,7 +22,6 @@ from gpt2 import runs
 from gpt2 import sampling
 from gpt2 import step as step_lib
 from gpt2.errors import UserError
-from gpt2.settings import TrainSettings
 
 
 class _Stop:
@@ -54,11 +53,6 @@ def _scalar(name, value, step):
     meta = summary_pb2.SummaryMetadata()
     meta.plugin_data.plugin_name = 'scalars'
     tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=meta)
-
-
-def train(dataset=None, **flags):
-    """Train with settings.TrainSettings made from `flags` (train.py's flags); see run()."""
-    return run(TrainSettings.from_flags(dataset=dataset, **flags))
 
 
 def run(s):

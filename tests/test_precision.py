@@ -26,7 +26,7 @@ from gpt2 import runs
 from gpt2 import sampling
 from gpt2 import scoring
 from gpt2 import step as step_lib
-from gpt2 import training
+from tests import helpers
 from tests.conftest import real_text, run_sample_py
 from tests.test_model import lively_params, tokens_for
 
@@ -367,13 +367,12 @@ def test_fp16_skips_an_overflowing_step_and_moves_its_scale(tiny, monkeypatch):
 
 
 def _run(tmp_path, tiny, steps, name, **kw):
-    from tests.test_training import _pattern
     data = str(tmp_path / 'data.npz')
     if not os.path.exists(data):
-        np.savez(data, _pattern().astype(np.int32))
-    return training.train(data, from_scratch=True, hparams=tiny, checkpoint_dir=str(tmp_path),
-                          run_name=name, sample_every=0, save_every=0, seq_len=16, batch_size=2,
-                          learning_rate=3e-3, progress=False, steps=steps, **kw)
+        np.savez(data, helpers.pattern().astype(np.int32))
+    return helpers.train(data, from_scratch=True, hparams=tiny, checkpoint_dir=str(tmp_path),
+                         run_name=name, sample_every=0, save_every=0, seq_len=16, batch_size=2,
+                         learning_rate=3e-3, progress=False, steps=steps, **kw)
 
 
 @pytest.mark.slow
@@ -381,7 +380,6 @@ def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tin
     """A run whose scale starts far too high skips its first steps (counted in TensorBoard and
     the sidecar); stopped and resumed it equals the run left alone, its scale included; a
     checkpoint of it goes on in bf16, and every checkpoint is float32 in OpenAI's names."""
-    from tests.test_training import _scalars
     monkeypatch.setattr(precision_lib, 'LOSS_SCALE_START', 2.0 ** 21)
     whole = _run(tmp_path, tiny, 8, 'whole', precision='fp16')
     _run(tmp_path, tiny, 4, 'parts', precision='fp16')
@@ -396,7 +394,7 @@ def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tin
     print(f'fp16 from a scale of 2^21: {skipped} of 8 steps skipped, scale now '
           f'{meta["loss_scale"]["scale"]:g}')
     assert 1 <= skipped < 8 and meta['loss_scale']['scale'] < 2.0 ** 21
-    assert _scalars(whole['run_dir'])['skipped_steps'][8] == skipped
+    assert helpers.scalars(whole['run_dir'])['skipped_steps'][8] == skipped
     with open(os.path.join(whole['run_dir'], 'log.jsonl')) as f:
         last = json.loads(f.read().splitlines()[-1])
     assert last['step'] == 8 and last['skipped_steps'] == skipped
