@@ -188,11 +188,17 @@ def copy_vocab(src_dir, run_dir):
                 paths.write_file(dst, lambda out: shutil.copyfileobj(f, out))
 
 
+def vocab_folder(run_dir, vocab_dir):
+    """The folder whose vocabulary a run encodes with: the run folder's own once it has one, else
+    `vocab_dir` (the one its weights came with)."""
+    return run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])) else vocab_dir
+
+
 def prepare(s, hparams, vocab_dir):
     """Make the run folder, with its hparams.json and vocabulary; returns the vocabulary folder
     to encode with (the run's own, once it has one)."""
     run_dir = folder(s)
-    vocab_dir = run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])) else vocab_dir
+    vocab_dir = vocab_folder(run_dir, vocab_dir)
     check_writable(run_dir)
     hparams_lib.save(hparams, os.path.join(run_dir, hparams_lib.FILENAME))
     copy_vocab(vocab_dir, run_dir)
