@@ -8,6 +8,8 @@ import pytest
 
 from gpt2 import checkpoint
 from gpt2 import dataset
+from gpt2 import hparams as hparams_lib
+from gpt2 import model
 from gpt2 import runs
 from gpt2 import settings
 from gpt2.errors import UserError
@@ -87,6 +89,29 @@ def test_restore_from_a_path_and_fresh_load_those_weights(tmp_path, tiny, data):
            for name, tree in (('base', base), ('model-4', model4))}
     assert fresh['losses'][0] == pytest.approx(on0['base'], rel=1e-5), on0
     assert abs(on0['base'] - on0['model-4']) > 1e-3, on0
+
+
+def test_start_reads_each_hparams_json_once(tmp_path, tiny, monkeypatch):
+    """runs.start from a model folder reads its hparams.json once; resuming the run's own
+    checkpoint reads the run's hparams.json (beside that checkpoint, and the run folder's) once.
+
+    Break caught (verified): start as it was (the model folder's read twice, the run's three
+    times)."""
+    models = tmp_path / 'models'
+    checkpoint.save_params(model.init_params(tiny), str(models / 'm' / 'model.ckpt'), hparams=tiny)
+    reads, real = [], hparams_lib.load
+    monkeypatch.setattr(hparams_lib, 'load', lambda path: reads.append(path) or real(path))
+    s = settings.TrainSettings(dataset='x', model_name='m', models_dir=str(models),
+                               checkpoint_dir=str(tmp_path / 'ckpt'))
+    hp, _, prefix, _ = runs.start(s)
+    assert hp == tiny and prefix == str(models / 'm' / 'model.ckpt')
+    assert reads == [str(models / 'm')]
+    mine = checkpoint.save_params(model.init_params(tiny), os.path.join(runs.folder(s), 'model-2'),
+                                  hparams=tiny)
+    reads.clear()
+    hp, _, prefix, _ = runs.start(s)
+    assert hp == tiny and prefix == mine
+    assert reads == [os.path.join(runs.folder(s), hparams_lib.FILENAME)]
 
 
 # ---------------------------------------------------------------- what the checkpoints keep
