@@ -14,8 +14,8 @@ from gpt2 import checkpoint
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from gpt2 import paths
+from gpt2 import settings
 from gpt2.errors import UserError
-from gpt2.settings import ALL, LATEST  # noqa: F401 (the values of --keep_optimizer_state)
 
 SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
 VOCAB_FILES = ('encoder.json', 'vocab.bpe')
@@ -100,16 +100,11 @@ def sidecar_path(prefix):
     return prefix + SIDECAR_SUFFIX
 
 
-def save(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
+def save(state, prefix, meta, *, keep=None, keep_optimizer_state=settings.LATEST):
     """model-STEP.* in OpenAI's format, then model-STEP.train.npz (slots and `meta`), and only then
     the `checkpoint` state file; each file is written under a temporary name, fsynced and renamed
     (paths.write_file), so a crash or a power cut at any point leaves the previous checkpoint the
-    latest, whole.
-
-    Then, with `keep_optimizer_state` 'latest', the older checkpoints' sidecars are rewritten
-    without their optimizer slots (see drop_slots); with `keep`, all but the newest `keep`
-    checkpoints are deleted.
-    """
+    latest, whole. Then the older checkpoints are trimmed (retain)."""
     checkpoint.save_params(state.params, prefix, hparams=state.hparams, update_state=False)
     folder = os.path.dirname(prefix) or '.'
     # The variables themselves: np.savez turns each into an array only as it writes it, so the
@@ -118,20 +113,30 @@ def save(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
     paths.write_file(sidecar_path(prefix), lambda f: np.savez(
         f, __meta__=np.array(json.dumps(meta)), **slots))
     checkpoint.write_state(folder, prefix, keep=keep)
-    if keep:
-        for old in checkpoint.list_checkpoints(folder)[:-keep]:
-            if old != prefix:
-                for suffix in ('.index', checkpoint.DATA_SUFFIX, SIDECAR_SUFFIX):
-                    if os.path.exists(old + suffix):
-                        os.remove(old + suffix)
-    if keep_optimizer_state == LATEST:
-        step = checkpoint.step_of(prefix)
-        for old in checkpoint.list_checkpoints(folder):
-            # Only older steps: a run restarted from an earlier checkpoint leaves the later ones
-            # of its first history as they were until it saves over them.
-            if old != prefix and step is not None and (checkpoint.step_of(old) or 0) < step:
-                drop_slots(old)
+    retain(folder, prefix, keep=keep, keep_optimizer_state=keep_optimizer_state)
     return prefix
+
+
+def retain(folder, newest, *, keep=None, keep_optimizer_state=settings.LATEST):
+    """The retention policy once `newest` is saved and named in the state file: with `keep`, all
+    but the newest `keep` checkpoints are deleted (never `newest`); with `keep_optimizer_state`
+    'latest', the sidecars of the earlier steps are rewritten without their optimizer slots
+    (drop_slots)."""
+    listed = checkpoint.list_checkpoints(folder)
+    if keep:
+        gone = [p for p in listed[:-keep] if p != newest]
+        for old in gone:
+            for suffix in ('.index', checkpoint.DATA_SUFFIX, SIDECAR_SUFFIX):
+                if os.path.exists(old + suffix):
+                    os.remove(old + suffix)
+        listed = [p for p in listed if p not in gone]
+    step = checkpoint.step_of(newest)
+    if keep_optimizer_state == settings.LATEST and step is not None:
+        for old in listed:
+            # Only earlier steps: a run restarted from an earlier checkpoint leaves the later ones
+            # of its first history as they were until it saves over them.
+            if old != newest and (checkpoint.step_of(old) or 0) < step:
+                drop_slots(old)
 
 
 def drop_slots(prefix):
