@@ -29,19 +29,19 @@ def _our_step(batch, seq, recompute=False, jit_compile=None, precision='fp32', l
               strategy='none'):
     # -> step(i): train.py's step i (1-based) on a random global batch, from fresh 124M weights.
     import numpy as np
-    from gpt2 import distribute, hparams as hparams_lib, model, training
-    from gpt2 import settings
+    from gpt2 import distribute, hparams as hparams_lib, model, settings
+    from gpt2 import layerwise as layerwise_lib, step as step_lib
     strategy = distribute.make_strategy(strategy)
     if jit_compile is None:   # as train.py decides
         jit_compile = settings.compiles_train_step(precision)
     hp = hparams_lib.PRESETS['124M']
     with distribute.scope(strategy):
-        state = training.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
+        state = step_lib.TrainState(hp, model.init_params(hp, seed=0), 'adamw')
     if layerwise:
-        step = training.make_layerwise_step(hp, 'adamw', weight_decay=0.01, precision=precision,
-                                            jit_compile=jit_compile)
+        step = layerwise_lib.make_layerwise_step(hp, 'adamw', weight_decay=0.01,
+                                                 precision=precision, jit_compile=jit_compile)
     else:
-        step = training.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
+        step = step_lib.make_train_step(hp, 'adamw', weight_decay=0.01, recompute=recompute,
                                         precision=precision, jit_compile=jit_compile,
                                         strategy=strategy)
     rng = np.random.default_rng(0)

@@ -115,9 +115,14 @@ def resolve(path):
                     '(checkpoint/run1) or a checkpoint prefix (checkpoint/run1/model-200)')
 
 
+def hparams_path(prefix):
+    """Where the hparams.json beside a checkpoint is."""
+    return os.path.join(os.path.dirname(prefix) or '.', hparams_lib.FILENAME)
+
+
 def find_hparams(prefix):
     """hparams.json beside a checkpoint, else None."""
-    path = os.path.join(os.path.dirname(prefix) or '.', hparams_lib.FILENAME)
+    path = hparams_path(prefix)
     return hparams_lib.load(path) if os.path.isfile(path) else None
 
 

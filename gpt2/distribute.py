@@ -1,7 +1,7 @@
 """train.py --strategy: the same step on several devices (MirroredStrategy), machines
 (MultiWorkerMirroredStrategy, from TF_CONFIG) or TPU cores (TPUStrategy), through tf.distribute.
 
-The step is training.make_train_step's two halves. On each replica, gradients() of its slice of
+The step is step.make_train_step's two halves. On each replica, gradients() of its slice of
 the global batch runs compiled (XLA where the step is compiled; the forward and backward pass);
 the all-reduce that sums the gradients over the replicas runs outside it, since XLA cannot hold
 a cross-worker collective (tensorflow/tensorflow#58961) and a merge_call must not sit inside a
@@ -117,7 +117,7 @@ def scope(strategy):
 
 
 def make_step(strategy, gradients, update, *, scaled, noised, jit_compile):
-    """training.make_train_step's step under `strategy`: the same call(state, windows, lr, t,
+    """step.make_train_step's step under `strategy`: the same call(state, windows, lr, t,
     seed) -> the global mean loss, windows [accumulate, global batch, seq+1]."""
     n = strategy.num_replicas_in_sync
     gradients = fast.function(gradients, jit_compile=jit_compile)

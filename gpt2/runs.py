@@ -14,8 +14,8 @@ from gpt2 import checkpoint
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from gpt2 import paths
+from gpt2 import settings
 from gpt2.errors import UserError
-from gpt2.settings import ALL, LATEST  # noqa: F401 (the values of --keep_optimizer_state)
 
 SIDECAR_SUFFIX = '.train.npz'  # optimizer slots, step, sampler and RNG state beside model-STEP.*
 VOCAB_FILES = ('encoder.json', 'vocab.bpe')
@@ -29,63 +29,82 @@ def folder(s):
 
 def start(s):
     """Where settings `s` take the weights from -> (hparams, numpy params, prefix or None,
-    vocab folder)."""
-    model_name, models_dir, hparams = s.model_name, s.models_dir, s.hparams
-    run_dir, restore_from = folder(s), s.restore_from
-    prefix = None
-    if restore_from == 'latest':
-        if os.path.isdir(run_dir) and checkpoint.list_checkpoints(run_dir):
-            prefix = checkpoint.resolve(run_dir)
-    elif restore_from != 'fresh':
-        prefix = checkpoint.resolve(restore_from)
-    model_dir = None if s.from_scratch else paths.model_dir(model_name, models_dir)
+    vocab folder). Each hparams.json it consults is read once."""
+    run_dir = folder(s)
+    prefix = _restore_prefix(s, run_dir)
+    model_dir = None if s.from_scratch else paths.model_dir(s.model_name, s.models_dir)
     if prefix is None and model_dir and not os.path.isfile(os.path.join(model_dir,
                                                                         hparams_lib.FILENAME)):
-        raise UserError(f'model {model_name!r} is not downloaded (no {model_dir}): get it with '
-                        f'`python download_model.py {model_name}`, or train with --from_scratch')
-    if hparams is not None:
-        hp = hparams_lib.get(hparams)
-    elif prefix is not None and checkpoint.find_hparams(prefix):
-        hp = checkpoint.find_hparams(prefix)
-    elif model_dir:
-        hp = hparams_lib.load(model_dir)
-    else:
-        raise UserError('--from_scratch needs --hparams: a preset '
-                        f'({", ".join(hparams_lib.PRESETS)}) or an hparams.json')
+        raise UserError(f'model {s.model_name!r} is not downloaded (no {model_dir}): get it with '
+                        f'`python download_model.py {s.model_name}`, or train with --from_scratch')
+    read = _read_once()
+    hp = _hparams(s, prefix, model_dir, read)
     known = os.path.join(run_dir, hparams_lib.FILENAME)
-    if os.path.isfile(known) and restore_from != 'fresh' and hparams_lib.load(known) != hp:
+    if os.path.isfile(known) and s.restore_from != 'fresh' and read(known) != hp:
         raise UserError(f'run folder {run_dir} holds a model with hparams '
-                        f'{hparams_lib.load(known).to_dict()}, not {hp.to_dict()}: use another '
+                        f'{read(known).to_dict()}, not {hp.to_dict()}: use another '
                         '--run_name, or the hparams it was trained with')
     if prefix is not None:
         params, hp, prefix = checkpoint.load_params(prefix, hparams=hp)
-        vocab = os.path.dirname(prefix)
-    elif model_dir:
-        model_hp = hparams_lib.load(model_dir)
+        return hp, params, prefix, os.path.dirname(prefix)
+    if model_dir:
+        model_hp = read(model_dir)
         if model_hp != hp:
             raise UserError(f'--hparams {hp.to_dict()} do not match {model_dir} '
                             f'({model_hp.to_dict()}); drop --hparams to fine-tune it')
         params, hp, prefix = checkpoint.load_params(model_dir, hparams=hp)
-        vocab = model_dir
-    else:
-        params, vocab = model.init_params(hp, seed=s.seed), ENCODER_DIR
-    return hp, params, prefix, vocab
+        return hp, params, prefix, model_dir
+    return hp, model.init_params(hp, seed=s.seed), None, ENCODER_DIR
+
+
+def _restore_prefix(s, run_dir):
+    """The checkpoint --restore_from names: latest, the run's newest (None before its first);
+    fresh, None; else the path's."""
+    if s.restore_from == 'latest':
+        if os.path.isdir(run_dir) and checkpoint.list_checkpoints(run_dir):
+            return checkpoint.resolve(run_dir)
+        return None
+    if s.restore_from == 'fresh':
+        return None
+    return checkpoint.resolve(s.restore_from)
+
+
+def _hparams(s, prefix, model_dir, read):
+    """The model's shape: --hparams, else the hparams.json beside the checkpoint, else the model
+    folder's."""
+    if s.hparams is not None:
+        return hparams_lib.get(s.hparams)
+    if prefix is not None and os.path.isfile(checkpoint.hparams_path(prefix)):
+        return read(checkpoint.hparams_path(prefix))
+    if model_dir:
+        return read(model_dir)
+    raise UserError('--from_scratch needs --hparams: a preset '
+                    f'({", ".join(hparams_lib.PRESETS)}) or an hparams.json')
+
+
+def _read_once():
+    """hparams_lib.load that reads each file once (known by its real path) and then remembers
+    it: a resumed run's hparams.json is the checkpoint's and the run folder's."""
+    seen = {}
+
+    def read(path):
+        file = os.path.join(path, hparams_lib.FILENAME) if os.path.isdir(path) else path
+        key = os.path.realpath(file)
+        if key not in seen:
+            seen[key] = hparams_lib.load(path)
+        return seen[key]
+    return read
 
 
 def sidecar_path(prefix):
     return prefix + SIDECAR_SUFFIX
 
 
-def save(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
+def save(state, prefix, meta, *, keep=None, keep_optimizer_state=settings.LATEST):
     """model-STEP.* in OpenAI's format, then model-STEP.train.npz (slots and `meta`), and only then
     the `checkpoint` state file; each file is written under a temporary name, fsynced and renamed
     (paths.write_file), so a crash or a power cut at any point leaves the previous checkpoint the
-    latest, whole.
-
-    Then, with `keep_optimizer_state` 'latest', the older checkpoints' sidecars are rewritten
-    without their optimizer slots (see drop_slots); with `keep`, all but the newest `keep`
-    checkpoints are deleted.
-    """
+    latest, whole. Then the older checkpoints are trimmed (retain)."""
     checkpoint.save_params(state.params, prefix, hparams=state.hparams, update_state=False)
     folder = os.path.dirname(prefix) or '.'
     # The variables themselves: np.savez turns each into an array only as it writes it, so the
@@ -94,20 +113,30 @@ def save(state, prefix, meta, *, keep=None, keep_optimizer_state=LATEST):
     paths.write_file(sidecar_path(prefix), lambda f: np.savez(
         f, __meta__=np.array(json.dumps(meta)), **slots))
     checkpoint.write_state(folder, prefix, keep=keep)
-    if keep:
-        for old in checkpoint.list_checkpoints(folder)[:-keep]:
-            if old != prefix:
-                for suffix in ('.index', checkpoint.DATA_SUFFIX, SIDECAR_SUFFIX):
-                    if os.path.exists(old + suffix):
-                        os.remove(old + suffix)
-    if keep_optimizer_state == LATEST:
-        step = checkpoint.step_of(prefix)
-        for old in checkpoint.list_checkpoints(folder):
-            # Only older steps: a run restarted from an earlier checkpoint leaves the later ones
-            # of its first history as they were until it saves over them.
-            if old != prefix and step is not None and (checkpoint.step_of(old) or 0) < step:
-                drop_slots(old)
+    retain(folder, prefix, keep=keep, keep_optimizer_state=keep_optimizer_state)
     return prefix
+
+
+def retain(folder, newest, *, keep=None, keep_optimizer_state=settings.LATEST):
+    """The retention policy once `newest` is saved and named in the state file: with `keep`, all
+    but the newest `keep` checkpoints are deleted (never `newest`); with `keep_optimizer_state`
+    'latest', the sidecars of the earlier steps are rewritten without their optimizer slots
+    (drop_slots)."""
+    listed = checkpoint.list_checkpoints(folder)
+    if keep:
+        gone = [p for p in listed[:-keep] if p != newest]
+        for old in gone:
+            for suffix in ('.index', checkpoint.DATA_SUFFIX, SIDECAR_SUFFIX):
+                if os.path.exists(old + suffix):
+                    os.remove(old + suffix)
+        listed = [p for p in listed if p not in gone]
+    step = checkpoint.step_of(newest)
+    if keep_optimizer_state == settings.LATEST and step is not None:
+        for old in listed:
+            # Only earlier steps: a run restarted from an earlier checkpoint leaves the later ones
+            # of its first history as they were until it saves over them.
+            if old != newest and (checkpoint.step_of(old) or 0) < step:
+                drop_slots(old)
 
 
 def drop_slots(prefix):
@@ -188,11 +217,17 @@ def copy_vocab(src_dir, run_dir):
                 paths.write_file(dst, lambda out: shutil.copyfileobj(f, out))
 
 
+def vocab_folder(run_dir, vocab_dir):
+    """The folder whose vocabulary a run encodes with: the run folder's own once it has one, else
+    `vocab_dir` (the one its weights came with)."""
+    return run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])) else vocab_dir
+
+
 def prepare(s, hparams, vocab_dir):
     """Make the run folder, with its hparams.json and vocabulary; returns the vocabulary folder
     to encode with (the run's own, once it has one)."""
     run_dir = folder(s)
-    vocab_dir = run_dir if os.path.isfile(os.path.join(run_dir, VOCAB_FILES[0])) else vocab_dir
+    vocab_dir = vocab_folder(run_dir, vocab_dir)
     check_writable(run_dir)
     hparams_lib.save(hparams, os.path.join(run_dir, hparams_lib.FILENAME))
     copy_vocab(vocab_dir, run_dir)

@@ -53,7 +53,7 @@ class TrainSettings:
     max_grad_norm: float = None
     accumulate_gradients: int = 1
     memory_saving_gradients: bool = False
-    layerwise: bool = False           # training.make_layerwise_step: no whole-model gradients
+    layerwise: bool = False           # layerwise.make_layerwise_step: no whole-model gradients
     only_train_transformer_layers: bool = False
     noise: float = 0.0
     sample_every: int = 100

@@ -19,7 +19,8 @@ import pytest
 
 import encoder
 from gpt2 import atlas, atlas_page, hparams as hparams_lib, novelty, palimpsest, prompts, runlog
-from gpt2 import sampling, training
+from gpt2 import sampling
+from tests import helpers
 from tests.conftest import ROOT
 
 # Two lines a one-layer model learns to recite in 80 steps: the early checkpoints babble, the late
@@ -37,11 +38,11 @@ def run(tmp_path_factory):
     """A run folder with checkpoints at steps 20..80, its log.jsonl and the corpus it recorded."""
     root = tmp_path_factory.mktemp('atlas')
     (root / 'poem.txt').write_text(CORPUS, encoding='utf-8')
-    training.train(str(root / 'poem.txt'), from_scratch=True, hparams=HP,
-                   checkpoint_dir=str(root / 'checkpoint'), run_name='r', steps=STEPS[-1],
-                   save_every=SAVE_EVERY, sample_every=0, seq_len=32, batch_size=4,
-                   learning_rate=1e-2, val_dataset=str(root / 'poem.txt'), val_every=SAVE_EVERY,
-                   val_batch_count=1, progress=False)
+    helpers.train(str(root / 'poem.txt'), from_scratch=True, hparams=HP,
+                  checkpoint_dir=str(root / 'checkpoint'), run_name='r', steps=STEPS[-1],
+                  save_every=SAVE_EVERY, sample_every=0, seq_len=32, batch_size=4,
+                  learning_rate=1e-2, val_dataset=str(root / 'poem.txt'), val_every=SAVE_EVERY,
+                  val_batch_count=1, progress=False)
     return root
 
 

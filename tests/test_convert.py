@@ -22,8 +22,8 @@ from gpt2 import checkpoint
 from gpt2 import convert
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
-from gpt2 import training
 from gpt2.errors import UserError
+from tests import helpers
 from tests.conftest import CORPORA, ROOT, corpus_files, real_text
 from tests.test_model import lively_params
 
@@ -54,16 +54,16 @@ def _flat(prefix):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A run folder that training.train (train.py's loop) wrote: one step of fine-tuning from a
+    """A run folder that helpers.train (train.py's loop) wrote: one step of fine-tuning from a
     model folder whose every parameter is random (biases and gains too, so a dropped or swapped
     one shows in the logits)."""
     root = tmp_path_factory.mktemp('trained')
     checkpoint.save_params(lively_params(HP, 3), str(root / 'models' / 'base' / 'model.ckpt'),
                            hparams=HP)
-    res = training.train(os.path.join(CORPORA, 'tao.txt'), model_name='base',
-                         models_dir=str(root / 'models'), checkpoint_dir=str(root / 'ckpt'),
-                         run_name='run', steps=1, save_every=0, sample_every=0, seq_len=16,
-                         batch_size=1, learning_rate=1e-3, jit_compile=False, progress=False)
+    res = helpers.train(os.path.join(CORPORA, 'tao.txt'), model_name='base',
+                        models_dir=str(root / 'models'), checkpoint_dir=str(root / 'ckpt'),
+                        run_name='run', steps=1, save_every=0, sample_every=0, seq_len=16,
+                        batch_size=1, learning_rate=1e-3, jit_compile=False, progress=False)
     return res['run_dir'], res['prefix']
 
 

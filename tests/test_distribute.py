@@ -15,10 +15,9 @@ import pytest
 
 from gpt2 import checkpoint
 from gpt2 import runs
-from gpt2 import training
 from gpt2.errors import UserError
+from tests import helpers
 from tests.conftest import ROOT
-from tests.test_training import _npz, _pattern, _train
 
 PY = sys.executable
 
@@ -30,8 +29,9 @@ MIRRORED = textwrap.dedent('''
     import tensorflow as tf
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from gpt2 import checkpoint, hparams, model, training
+    from gpt2 import checkpoint, hparams, model
     from gpt2.errors import UserError
+    from tests import helpers
 
     data, out = sys.argv[1], sys.argv[2]
     tiny = hparams.HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=2)
@@ -39,7 +39,7 @@ MIRRORED = textwrap.dedent('''
                 save_every=0, seq_len=16, batch_size=4, learning_rate=3e-3, progress=False)
 
     def weights(name, **kw):
-        r = training.train(data, run_name=name, **{**base, **kw})
+        r = helpers.train(data, run_name=name, **{**base, **kw})
         return {k: np.asarray(v)
                 for k, v in checkpoint.flatten(checkpoint.load_params(r['prefix'])[0]).items()}
 
@@ -83,7 +83,7 @@ def test_mirrored_on_two_devices_gives_the_one_device_weights(tmp_path):
     mixed precision too to its rounding; --batch_size 3 on 2 replicas is a UserError.
 
     Break caught (verified): the gradients summed over the replicas, not averaged."""
-    data = _npz(tmp_path / 'd.npz', _pattern())
+    data = helpers.npz(tmp_path / 'd.npz', helpers.pattern())
     out = subprocess.run([PY, '-c', MIRRORED, data, str(tmp_path / 'ckpt')], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -178,7 +178,7 @@ def test_two_workers_give_the_one_process_weights_and_only_the_chief_writes(tmp_
     Breaks caught (verified): every worker a chief (worker 1's folder appears); the stop flag
     not shared (worker 1 waits on a collective the chief never joins, and exits 1); every replica
     taking the first rows of the global batch (the weights differ)."""
-    data = _npz(tmp_path / 'd.npz', _pattern())
+    data = helpers.npz(tmp_path / 'd.npz', helpers.pattern())
     args = ('--steps', '100000', '--save_every', '100000', '--sample_every', '2',
             '--sample_length', '4', '--optimizer', 'sgd', '--learning_rate', '3e-3',
             '--accumulate_gradients', '2', '--noise', '0.1')
@@ -212,7 +212,7 @@ def test_a_dead_worker_stops_the_chief_with_one_line_and_a_whole_checkpoint(tmp_
 
     Break caught (verified): no check that the workers start at the same step (they train, the
     chief from its checkpoint, worker 1 from scratch, on different weights)."""
-    data = _npz(tmp_path / 'd.npz', _pattern())
+    data = helpers.npz(tmp_path / 'd.npz', helpers.pattern())
     args = ('--steps', '100000', '--save_every', '2', '--sample_every', '0')
     procs = _cluster(tmp_path, data, 'kill', *args)
     run = tmp_path / 'ckpt' / 'run1'
@@ -239,20 +239,20 @@ def test_a_dead_worker_stops_the_chief_with_one_line_and_a_whole_checkpoint(tmp_
 
 
 def test_bad_strategies_are_one_line_errors(tmp_path, tiny, monkeypatch):
-    data = _npz(tmp_path / 'd.npz', _pattern())
+    data = helpers.npz(tmp_path / 'd.npz', helpers.pattern())
     monkeypatch.delenv('TF_CONFIG', raising=False)
     with pytest.raises(UserError, match='^--strategy multi_worker takes its cluster from the '
                                         'TF_CONFIG environment variable, which is not set'):
-        _train(tmp_path, tiny, data, steps=1, strategy='multi_worker')
+        helpers.train_tiny(tmp_path, tiny, data, steps=1, strategy='multi_worker')
     monkeypatch.setenv('TF_CONFIG', '{"cluster": {}}')
     with pytest.raises(UserError, match='^TF_CONFIG is not .* \\(KeyError'):
-        _train(tmp_path, tiny, data, steps=1, strategy='multi_worker')
+        helpers.train_tiny(tmp_path, tiny, data, steps=1, strategy='multi_worker')
     with pytest.raises(UserError, match='^unknown --strategy \'gpus\''):
-        _train(tmp_path, tiny, data, steps=1, strategy='gpus')
+        helpers.train_tiny(tmp_path, tiny, data, steps=1, strategy='gpus')
     with pytest.raises(UserError, match='^--layerwise .* use --strategy none'):
-        _train(tmp_path, tiny, data, steps=1, strategy='mirrored', layerwise=True)
+        helpers.train_tiny(tmp_path, tiny, data, steps=1, strategy='mirrored', layerwise=True)
     with pytest.raises(UserError, match='^--tpu .* for --strategy tpu'):
-        _train(tmp_path, tiny, data, steps=1, tpu='grpc://127.0.0.1:1')
+        helpers.train_tiny(tmp_path, tiny, data, steps=1, tpu='grpc://127.0.0.1:1')
     port = _free_ports(1)[0]   # nothing listens there
     out = subprocess.run(_command(tmp_path, data, 'ckpt', '--strategy', 'tpu', '--tpu',
                                   f'grpc://127.0.0.1:{port}'),

@@ -14,7 +14,7 @@ from gpt2 import checkpoint
 from gpt2 import fast
 from gpt2 import model
 from gpt2 import sampling
-from gpt2 import training
+from gpt2 import step as step_lib
 from tests.test_model import lively_params, tokens_for
 
 TOL = 1e-5  # relative: max |fast - plain| / max |plain| (measured about 1e-7, printed)
@@ -96,7 +96,7 @@ def test_loss_and_gradients_are_the_same(setup, calls, recompute):
     windows = tokens_for(hp, 2, hp.n_ctx + 1, seed=3)
 
     def loss_and_grads():
-        f = tf.function(lambda p, w: training.loss_and_grads(hp, p, w, recompute=recompute),
+        f = tf.function(lambda p, w: step_lib.loss_and_grads(hp, p, w, recompute=recompute),
                         jit_compile=True)
         loss, grads = f(model.to_tensors(p), windows)
         return float(loss), {k: g.numpy() for k, g in grads.items()}
@@ -142,7 +142,7 @@ def test_the_plain_switch_covers_every_twin_of_a_built_decoder_and_step(setup, m
                                  repetition_penalty=1.2, jit_compile=False)
 
     def make_step():
-        return fast.function(lambda p, w: training.loss_and_grads(hp, p, w)[0])
+        return fast.function(lambda p, w: step_lib.loss_and_grads(hp, p, w)[0])
 
     def loss(step):
         return float(step(model.to_tensors(p), windows))

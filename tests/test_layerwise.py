@@ -1,33 +1,32 @@
-"""training.make_layerwise_step and the memory it saves: the same update as the whole step
-(make_train_step), each piece compiled once for every block, exact resume through train(), the
-settings it refuses, and TrainState taking the weights without a second copy. Its peak memory is
-measured in bench/memory.py (BENCHMARKS.md), not here."""
+"""gpt2/layerwise.py's make_layerwise_step and the memory it saves: the same update as the whole
+step (step.make_train_step), each piece compiled once for every block, exact resume through
+train(), and TrainState taking the weights without a second copy. The settings it refuses are
+tests/test_settings.py's; its peak memory is measured in bench/memory.py (BENCHMARKS.md)."""
 import numpy as np
 import pytest
 
 from gpt2 import checkpoint
 from gpt2 import hparams as hparams_lib
+from gpt2 import layerwise
 from gpt2 import model
 from gpt2 import runs
-from gpt2 import training
-from gpt2.errors import UserError
-from gpt2.settings import TrainSettings
-from tests.test_training import _leaves, _npz, _pattern, _train
+from gpt2 import step as step_lib
+from tests import helpers
 
 LR = 1e-3
 
 
 def _steps(hp, kind, optimizer, *, n=1, noise=0.0, precision='fp32', jit_compile=True,
            only_transformer=False, steps=3):
-    state = training.TrainState(hp, model.init_params(hp, seed=1), optimizer,
+    state = step_lib.TrainState(hp, model.init_params(hp, seed=1), optimizer,
                                 only_transformer=only_transformer)
-    make = training.make_layerwise_step if kind == 'layerwise' else training.make_train_step
+    make = layerwise.make_layerwise_step if kind == 'layerwise' else step_lib.make_train_step
     step = make(hp, optimizer, weight_decay=0.01, noise=noise, precision=precision,
                 jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     losses = [float(step(state, rng.integers(0, hp.n_vocab, [n, 2, 17]).astype(np.int32), LR,
                          t + 1, [0, t])) for t in range(steps)]
-    return losses, _leaves(state.params), step
+    return losses, helpers.leaves(state.params), step
 
 
 @pytest.mark.parametrize('optimizer, opts', [
@@ -54,7 +53,7 @@ def test_layerwise_step_equals_the_whole_step(tiny, optimizer, opts):
     low = opts.get('precision') == 'bf16'
     assert layer[0] == pytest.approx(whole[0], rel=1e-4 if low else 1e-6)
     d = tiny.n_embd
-    start = _leaves(model.init_params(tiny, seed=1))
+    start = helpers.leaves(model.init_params(tiny, seed=1))
     worst = {}
     for k, a in whole[1].items():
         b, a0 = layer[1][k], start[k]
@@ -83,32 +82,25 @@ def test_each_piece_compiles_once_for_every_block():
 
 @pytest.mark.slow
 def test_layerwise_training_resumes_bit_for_bit(tmp_path, tiny):
-    data = _npz(tmp_path / 'data.npz', _pattern())
+    data = helpers.npz(tmp_path / 'data.npz', helpers.pattern())
     opts = dict(layerwise=True, noise=0.1, optimizer='adamw', accumulate_gradients=2)
-    a = _train(tmp_path, tiny, data, steps=6, run_name='a', **opts)
-    _train(tmp_path, tiny, data, steps=3, run_name='b', **opts)
-    b = _train(tmp_path, tiny, data, steps=6, run_name='b', **opts)
+    a = helpers.train_tiny(tmp_path, tiny, data, steps=6, run_name='a', **opts)
+    helpers.train_tiny(tmp_path, tiny, data, steps=3, run_name='b', **opts)
+    b = helpers.train_tiny(tmp_path, tiny, data, steps=6, run_name='b', **opts)
     assert b['losses'] == a['losses'][3:] and a['losses'][-1] < a['losses'][0]
-    pa, pb = (_leaves(checkpoint.load_params(x['prefix'])[0]) for x in (a, b))
+    pa, pb = (helpers.leaves(checkpoint.load_params(x['prefix'])[0]) for x in (a, b))
     assert all(np.array_equal(pa[k], pb[k]) for k in pa)
     (_, sa), (_, sb) = (runs.load_state(x['prefix']) for x in (a, b))
     assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
 
 
-def test_settings_refuse_what_layerwise_cannot_do():
-    with pytest.raises(UserError, match='cannot clip by the global norm: drop --max_grad_norm'):
-        TrainSettings(dataset='x', layerwise=True, max_grad_norm=1.0)
-    with pytest.raises(UserError, match='use --precision bf16 with it'):
-        TrainSettings(dataset='x', layerwise=True, precision='fp16')
-
-
 def test_train_state_can_take_the_weights_without_a_copy(tiny):
     tree = model.init_params(tiny, seed=2)
-    want = _leaves(tree)
-    state = training.TrainState(tiny, tree, 'sgd', consume=True)
+    want = helpers.leaves(tree)
+    state = step_lib.TrainState(tiny, tree, 'sgd', consume=True)
     assert all(v is None for v in checkpoint.flatten(tree).values())   # the tree let go
-    got = _leaves(state.params)
+    got = helpers.leaves(state.params)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     kept = model.init_params(tiny, seed=2)
-    training.TrainState(tiny, kept, 'sgd')
+    step_lib.TrainState(tiny, kept, 'sgd')
     assert all(isinstance(v, np.ndarray) for v in checkpoint.flatten(kept).values())

@@ -25,7 +25,8 @@ from gpt2 import precision as precision_lib
 from gpt2 import runs
 from gpt2 import sampling
 from gpt2 import scoring
-from gpt2 import training
+from gpt2 import step as step_lib
+from tests import helpers
 from tests.conftest import real_text, run_sample_py
 from tests.test_model import lively_params, tokens_for
 
@@ -182,8 +183,8 @@ def corpus():
 def _train(train_ids, steps, prec='fp32', jit_compile=True):
     """SMALL trained from OpenAI's initialisation for `steps` Adam steps of 16 x 64 tokens, the
     same windows whatever the precision -> (numpy params, last loss)."""
-    state = training.TrainState(SMALL, model.init_params(SMALL, seed=0), 'adam')
-    step = training.make_train_step(SMALL, 'adam', precision=prec, jit_compile=jit_compile)
+    state = step_lib.TrainState(SMALL, model.init_params(SMALL, seed=0), 'adam')
+    step = step_lib.make_train_step(SMALL, 'adam', precision=prec, jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     for t in range(steps):
         starts = rng.integers(0, len(train_ids) - SMALL.n_ctx - 1, 16)
@@ -282,7 +283,7 @@ def test_sample_py_takes_dtype(model_dir, capsys, monkeypatch):
 def _held_out_loss(params, held):
     windows = np.stack([held[i:i + SMALL.n_ctx + 1]
                         for i in range(0, len(held) - SMALL.n_ctx - 1, SMALL.n_ctx)])
-    return float(training.make_eval_step(SMALL)(model.to_tensors(params), windows))
+    return float(step_lib.make_eval_step(SMALL)(model.to_tensors(params), windows))
 
 
 @pytest.mark.slow
@@ -294,7 +295,7 @@ def test_mixed_precision_loss_and_gradients_against_fp32(tiny):
     w = tokens_for(tiny, 2, tiny.n_ctx + 1, seed=1)
 
     def run(prec, scale=None):
-        f = tf.function(lambda: training.loss_and_grads(tiny, p, w, precision=prec,
+        f = tf.function(lambda: step_lib.loss_and_grads(tiny, p, w, precision=prec,
                                                         loss_scale=scale), jit_compile=True)
         loss, grads = f()
         return float(loss), {k: g.numpy() / (scale or 1) for k, g in grads.items()}
@@ -313,8 +314,8 @@ def test_train_step_runs_its_products_in_bf16(tiny):
     """The step asks for its matrix products in bf16 (XLA's CPU backend then widens them to
     float32 products of the rounded operands; TF's kernels run them in bf16), with the weights
     and slots float32."""
-    state = training.TrainState(tiny, model.init_params(tiny, seed=0), 'adam')
-    step = training.make_train_step(tiny, 'adam', precision='bf16')
+    state = step_lib.TrainState(tiny, model.init_params(tiny, seed=0), 'adam')
+    step = step_lib.make_train_step(tiny, 'adam', precision='bf16')
     w = tokens_for(tiny, 2, tiny.n_ctx + 1)[None]
     dots = [line for line in step.optimized_hlo(state, w, stage='hlo').splitlines()
             if ' dot(' in line]
@@ -345,8 +346,8 @@ def test_bf16_and_fp16_train_as_well_as_fp32(corpus):
 
 def test_fp16_skips_an_overflowing_step_and_moves_its_scale(tiny, monkeypatch):
     monkeypatch.setattr(precision_lib, 'LOSS_SCALE_GROWTH_STEPS', 2)   # read while tracing
-    state = training.TrainState(tiny, model.init_params(tiny, seed=0), 'adam')
-    step = training.make_train_step(tiny, 'adam', precision='fp16')
+    state = step_lib.TrainState(tiny, model.init_params(tiny, seed=0), 'adam')
+    step = step_lib.make_train_step(tiny, 'adam', precision='fp16')
     w = tokens_for(tiny, 2, tiny.n_ctx + 1)[None]
 
     def snapshot():
@@ -366,13 +367,12 @@ def test_fp16_skips_an_overflowing_step_and_moves_its_scale(tiny, monkeypatch):
 
 
 def _run(tmp_path, tiny, steps, name, **kw):
-    from tests.test_training import _pattern
     data = str(tmp_path / 'data.npz')
     if not os.path.exists(data):
-        np.savez(data, _pattern().astype(np.int32))
-    return training.train(data, from_scratch=True, hparams=tiny, checkpoint_dir=str(tmp_path),
-                          run_name=name, sample_every=0, save_every=0, seq_len=16, batch_size=2,
-                          learning_rate=3e-3, progress=False, steps=steps, **kw)
+        np.savez(data, helpers.pattern().astype(np.int32))
+    return helpers.train(data, from_scratch=True, hparams=tiny, checkpoint_dir=str(tmp_path),
+                         run_name=name, sample_every=0, save_every=0, seq_len=16, batch_size=2,
+                         learning_rate=3e-3, progress=False, steps=steps, **kw)
 
 
 @pytest.mark.slow
@@ -380,7 +380,6 @@ def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tin
     """A run whose scale starts far too high skips its first steps (counted in TensorBoard and
     the sidecar); stopped and resumed it equals the run left alone, its scale included; a
     checkpoint of it goes on in bf16, and every checkpoint is float32 in OpenAI's names."""
-    from tests.test_training import _scalars
     monkeypatch.setattr(precision_lib, 'LOSS_SCALE_START', 2.0 ** 21)
     whole = _run(tmp_path, tiny, 8, 'whole', precision='fp16')
     _run(tmp_path, tiny, 4, 'parts', precision='fp16')
@@ -395,7 +394,7 @@ def test_fp16_runs_count_skips_resume_exactly_and_switch_precision(tmp_path, tin
     print(f'fp16 from a scale of 2^21: {skipped} of 8 steps skipped, scale now '
           f'{meta["loss_scale"]["scale"]:g}')
     assert 1 <= skipped < 8 and meta['loss_scale']['scale'] < 2.0 ** 21
-    assert _scalars(whole['run_dir'])['skipped_steps'][8] == skipped
+    assert helpers.scalars(whole['run_dir'])['skipped_steps'][8] == skipped
     with open(os.path.join(whole['run_dir'], 'log.jsonl')) as f:
         last = json.loads(f.read().splitlines()[-1])
     assert last['step'] == 8 and last['skipped_steps'] == skipped

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2 import runlog
-from gpt2 import training
-from tests.test_training import _scalars  # TensorBoard's event files, read back
+from tests import helpers
 
 TB_TAGS = ('loss', 'learning_rate', 'val_loss')
 
@@ -23,7 +22,7 @@ def _train(tmp_path, tiny, **kw):
                 progress=False, jit_compile=False, val_dataset=data, val_every=2,
                 val_batch_count=1)
     opts.update(kw)
-    return training.train(data, **opts)
+    return helpers.train(data, **opts)
 
 
 def _without_rates(records):
@@ -38,7 +37,7 @@ def test_a_line_per_step_with_the_tensorboard_values(tmp_path, tiny):
     assert [r['step'] for r in logged] == [1, 2, 3, 4, 5]
     assert [r['loss'] for r in logged] == out['losses']
     assert all(r['tokens_per_second'] > 0 for r in logged)
-    board = _scalars(out['run_dir'])
+    board = helpers.scalars(out['run_dir'])
     for tag in TB_TAGS:
         mine = {r['step']: r[tag] for r in logged if tag in r}
         assert mine == pytest.approx(board[tag], rel=1e-6), tag

@@ -1,5 +1,6 @@
-"""gpt2/training.py and train.py: the loss against Hugging Face, exact resume, accumulation,
-recompute, frozen layers, the curriculum, signals, OpenAI's graph loading what we save."""
+"""gpt2/training.py, gpt2/step.py and train.py: the loss and its gradients against Hugging Face,
+accumulation, noise, weight decay, clipping, recompute, frozen layers, the optimizers, the
+curriculum, what the loop logs and saves, signals, OpenAI's graph loading what we save."""
 import json
 import os
 import select
@@ -20,83 +21,30 @@ from gpt2 import model
 from gpt2 import optim
 from gpt2 import runs
 from gpt2 import settings
+from gpt2 import step as step_lib
 from gpt2 import training
 from gpt2.errors import UserError
+from tests import helpers
 from tests.conftest import OPENAI_117M, ROOT, require_shared
 
 PY = sys.executable
 
 
-def _npz(path, tokens):
-    np.savez(path, np.asarray(tokens, np.int32))
-    return str(path)
-
-
-def _pattern(n=3000, vocab=97, seed=0, lo=0):
-    # A learnable stream: a repeating phrase of 17 tokens with a few random substitutions.
-    rng = np.random.default_rng(seed)
-    t = np.tile(np.arange(17) * 5 % vocab, n // 17 + 1)[:n] + lo
-    flip = rng.random(n) < 0.05
-    t[flip] = rng.integers(0, vocab, flip.sum())
-    return t % vocab
-
-
 @pytest.fixture
 def data(tmp_path):
-    return _npz(tmp_path / 'data.npz', _pattern())
-
-
-def _train(tmp_path, tiny, dataset, **kw):
-    opts = dict(from_scratch=True, hparams=tiny, checkpoint_dir=str(tmp_path / 'ckpt'),
-                sample_every=0, save_every=0, seq_len=16, batch_size=2, learning_rate=3e-3,
-                progress=False)
-    opts.update(kw)
-    return training.train(dataset, **opts)
-
-
-def _leaves(tree):
-    return {k: np.asarray(v) for k, v in checkpoint.flatten(tree).items()}
-
-
-def _random_tree(hp, seed):
-    # Every leaf random (biases and gains too), so no gradient is trivially zero or one.
-    rng = np.random.default_rng(seed)
-    flat = {k: (rng.standard_normal(v.shape) * 0.1 + (1 if k.endswith('/g') else 0))
-            .astype(np.float32) for k, v in checkpoint.flatten(model.init_params(hp)).items()}
-    return checkpoint.unflatten(flat, hp)
-
-
-def _mean_loss(hp, tree, windows):
-    """The mean next-token cross-entropy of windows [batch, seq+1] under `tree`, in NumPy from
-    model.forward's logits (not through model.loss, the code under test)."""
-    logits, _ = model.forward(hp, model.to_tensors(tree), tf.constant(windows[:, :-1]))
-    logits = np.asarray(logits, np.float64)
-    top = logits.max(-1, keepdims=True)
-    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-    picked = np.take_along_axis(logits, windows[:, 1:, None].astype(np.int64), -1)[..., 0]
-    return float(np.mean(lse - picked))
-
-
-def _scalars(run):
-    """{tag: {step: value}}: the TensorBoard scalars in a run folder, read from its event files."""
-    out = {}
-    for f in sorted(os.listdir(run)):
-        if f.startswith('events.out'):
-            for e in tf.compat.v1.train.summary_iterator(os.path.join(run, f)):
-                for v in e.summary.value:
-                    out.setdefault(v.tag, {})[e.step] = float(tf.make_ndarray(v.tensor))
-    return out
+    return helpers.npz(tmp_path / 'data.npz', helpers.pattern())
 
 
 def test_loss_falls(tmp_path, tiny, data):
-    losses = _train(tmp_path, tiny, data, steps=40, batch_size=4)['losses']
+    losses = helpers.train_tiny(tmp_path, tiny, data, steps=40, batch_size=4)['losses']
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
 
 
 def test_checkpoints_appear_at_the_save_steps_and_load(tmp_path, tiny, data):
-    out = _train(tmp_path, tiny, data, steps=7, save_every=3, run_name='r', sample_every=3,
-                 sample_length=5, sample_num=2, sample_dir=str(tmp_path / 'samples'),
-                 val_dataset=data, val_every=3, val_batch_count=2)
+    out = helpers.train_tiny(tmp_path, tiny, data, steps=7, save_every=3, run_name='r',
+                             sample_every=3, sample_length=5, sample_num=2,
+                             sample_dir=str(tmp_path / 'samples'), val_dataset=data, val_every=3,
+                             val_batch_count=2)
     run = out['run_dir']
     # Saves at 3 and 6, and at the end (7); each with its training-state sidecar.
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [3, 6, 7]
@@ -128,86 +76,24 @@ def test_logged_scalars_are_the_losses_rates_and_validation_losses(tmp_path, tin
 
     Breaks caught (each verified): validation on the training batch, the base rate logged instead
     of the scheduled one, the loss logged one step early."""
-    val = _npz(tmp_path / 'val.npz', np.random.default_rng(3).integers(0, tiny.n_vocab, 500))
+    val = helpers.npz(tmp_path / 'val.npz',
+                      np.random.default_rng(3).integers(0, tiny.n_vocab, 500))
     base = 3e-3
-    out = _train(tmp_path, tiny, data, run_name='v', steps=4, save_every=2, val_dataset=val,
-                 val_every=2, val_batch_count=3, warmup_steps=3, learning_rate=base,
-                 jit_compile=False)
-    logged = _scalars(out['run_dir'])
+    out = helpers.train_tiny(tmp_path, tiny, data, run_name='v', steps=4, save_every=2,
+                             val_dataset=val, val_every=2, val_batch_count=3, warmup_steps=3,
+                             learning_rate=base, jit_compile=False)
+    logged = helpers.scalars(out['run_dir'])
     assert logged['loss'] == pytest.approx(dict(enumerate(out['losses'], 1)), rel=1e-6)
     assert logged['learning_rate'] == pytest.approx({s: base * min(s, 3) / 3
                                                      for s in (1, 2, 3, 4)}, rel=1e-6)
     assert set(logged['tokens_per_second']) == {1, 2, 3, 4}
-    batches = training.dataset_lib.validation_batches(training.dataset_lib.load_npz(val), 17,
-                                                      settings.TrainSettings.val_batch_size, 3)
+    batches = dataset.validation_batches(dataset.load_npz(val), 17,
+                                         settings.TrainSettings.val_batch_size, 3)
     want = {}
     for s in (2, 4):
         tree = checkpoint.load_params(os.path.join(out['run_dir'], f'model-{s}'))[0]
-        want[s] = float(np.mean([_mean_loss(tiny, tree, b) for b in batches]))
+        want[s] = float(np.mean([helpers.mean_loss(tiny, tree, b) for b in batches]))
     assert logged['val_loss'] == pytest.approx(want, rel=1e-5)
-
-
-def test_max_checkpoints_deletes_the_oldest(tmp_path, tiny, data):
-    run = _train(tmp_path, tiny, data, steps=8, save_every=2, max_checkpoints=2)['run_dir']
-    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [6, 8]
-    assert not [f for f in os.listdir(run) if f.startswith(('model-2', 'model-4'))]
-
-
-@pytest.mark.slow
-def test_resume_is_bit_for_bit(tmp_path, tiny, data):
-    # (A decaying schedule's horizon is --steps, so here the rate is constant after warmup.)
-    opts = dict(noise=0.1, warmup_steps=12, max_grad_norm=1.0, optimizer='adamw')
-    a = _train(tmp_path, tiny, data, steps=20, run_name='a', **opts)
-    b1 = _train(tmp_path, tiny, data, steps=10, run_name='b', **opts)
-    b2 = _train(tmp_path, tiny, data, steps=20, run_name='b', **opts)
-    assert b2['losses'] == a['losses'][10:] and b1['losses'] == a['losses'][:10]
-    pa, pb = _leaves(checkpoint.load_params(a['prefix'])[0]), _leaves(
-        checkpoint.load_params(b2['prefix'])[0])
-    assert all(np.array_equal(pa[k], pb[k]) for k in pa)
-    (ma, sa), (mb, sb) = (runs.load_state(x['prefix']) for x in (a, b2))
-    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
-    assert ma['samplers'] == mb['samplers'] and ma['step'] == mb['step'] == 20
-
-
-def test_restore_from_a_path_and_fresh_load_those_weights(tmp_path, tiny, data):
-    """Run 'a' fine-tunes a model folder (random weights, unlike the from-scratch init) for 4 sgd
-    steps, saving at 2 and 4. --restore_from a/model-2 into run 'c' resumes there: its first
-    loss is the loss of model-2's weights on step 2's batch (recomputed here in NumPy), which is
-    neither the model's nor the run's latest checkpoint's on that batch. --restore_from fresh on
-    run 'a' starts from the model at step 0 (not from a/model-4): its losses are the first run's
-    first two, its first one the model's loss on the first batch.
-
-    Breaks caught (each verified): fresh treated as latest, fresh loading the latest checkpoint's
-    weights at step 0, a path ignored in favour of the model, a path's folder resolved to its
-    latest checkpoint."""
-    models = tmp_path / 'models'
-    base = _random_tree(tiny, 6)
-    checkpoint.save_params(base, str(models / 'm' / 'model.ckpt'), hparams=tiny)
-    opts = dict(from_scratch=False, hparams=None, model_name='m', models_dir=str(models),
-                optimizer='sgd', learning_rate=0.3, jit_compile=False)
-    batches = training.dataset_lib.Sampler(training.dataset_lib.load_npz(data), 17, seed=0)
-    batches = [batches.batch(2) for _ in range(4)]  # what run 'a' trains on, step by step
-    first = _train(tmp_path, tiny, data, steps=4, save_every=2, run_name='a', **opts)
-    run = first['run_dir']
-    model2 = checkpoint.load_params(os.path.join(run, 'model-2'))[0]
-    model4 = checkpoint.load_params(os.path.join(run, 'model-4'))[0]
-    assert first['losses'][0] == pytest.approx(_mean_loss(tiny, base, batches[0]), rel=1e-5)
-
-    again = _train(tmp_path, tiny, data, steps=4, run_name='c',
-                   restore_from=os.path.join(run, 'model-2'), **opts)
-    assert len(again['losses']) == 2 and again['prefix'].endswith(os.path.join('c', 'model-4'))
-    on2 = {name: _mean_loss(tiny, tree, batches[2])
-           for name, tree in (('model-2', model2), ('model-4', model4), ('base', base))}
-    assert again['losses'][0] == pytest.approx(on2['model-2'], rel=1e-5), on2
-    assert min(abs(on2['model-2'] - on2[k]) for k in ('model-4', 'base')) > 1e-3, on2
-    assert again['losses'] == pytest.approx(first['losses'][2:], rel=1e-6)
-
-    fresh = _train(tmp_path, tiny, data, steps=2, run_name='a', restore_from='fresh', **opts)
-    assert fresh['step'] == 2 and fresh['losses'] == pytest.approx(first['losses'][:2], rel=1e-6)
-    on0 = {name: _mean_loss(tiny, tree, batches[0]) for name, tree in (('base', base),
-                                                                       ('model-4', model4))}
-    assert fresh['losses'][0] == pytest.approx(on0['base'], rel=1e-5), on0
-    assert abs(on0['base'] - on0['model-4']) > 1e-3, on0
 
 
 def _windows(hp, n, length, seed=0):
@@ -218,10 +104,10 @@ def test_accumulation_equals_a_bigger_batch(tiny):
     w = _windows(tiny, 4, 17)
     results = []
     for shape in ([1, 4, 17], [2, 2, 17]):
-        state = training.TrainState(tiny, model.init_params(tiny, seed=3), 'sgd')
-        step = training.make_train_step(tiny, 'sgd')
+        state = step_lib.TrainState(tiny, model.init_params(tiny, seed=3), 'sgd')
+        step = step_lib.make_train_step(tiny, 'sgd')
         losses = [float(step(state, w.reshape(shape), 0.5, t, [0, t])) for t in (1, 2)]
-        results.append((losses, _leaves(state.params)))
+        results.append((losses, helpers.leaves(state.params)))
     (l1, p1), (l2, p2) = results
     np.testing.assert_allclose(l1, l2, atol=1e-5)
     for k in p1:
@@ -230,12 +116,12 @@ def test_accumulation_equals_a_bigger_batch(tiny):
 
 def _record_step_inputs(monkeypatch):
     """Make every compiled step (traced after this) record, per micro-batch, the inputs and the
-    windows that training.loss_and_grads gets: the loss predicts windows[:, 1:] from the inputs.
+    windows that step.loss_and_grads gets: the loss predicts windows[:, 1:] from the inputs.
     Returns the list the (inputs, windows) NumPy pairs go to, step by step (within a step the
     micro-batches may come in any order). Needs jit_compile False: tf.py_function does not
     compile under XLA."""
     seen = []
-    real = training.loss_and_grads
+    real = step_lib.loss_and_grads
 
     def recording(hparams, params, windows, *, inputs=None, **kw):
         x = windows[:, :-1] if inputs is None else inputs
@@ -245,7 +131,7 @@ def _record_step_inputs(monkeypatch):
             return np.int32(0)
         tf.py_function(keep, [x, windows], tf.int32)  # stateful: runs without being used
         return real(hparams, params, windows, inputs=inputs, **kw)
-    monkeypatch.setattr(training, 'loss_and_grads', recording)
+    monkeypatch.setattr(step_lib, 'loss_and_grads', recording)
     return seen
 
 
@@ -260,8 +146,8 @@ def test_noise_replaces_inputs_at_its_rate_over_the_vocabulary_and_never_targets
     P / 2, replacements drawn from half the vocabulary, the same seed at every step."""
     seen = _record_step_inputs(monkeypatch)
     p, steps, v = 0.2, 12, tiny.n_vocab
-    state = training.TrainState(tiny, model.init_params(tiny), 'sgd')
-    step = training.make_train_step(tiny, 'sgd', noise=p, jit_compile=False)
+    state = step_lib.TrainState(tiny, model.init_params(tiny), 'sgd')
+    step = step_lib.make_train_step(tiny, 'sgd', noise=p, jit_compile=False)
     given = [_windows(tiny, 16, tiny.n_ctx + 1, seed=t).reshape(2, 8, -1) for t in range(steps)]
     for t, w in enumerate(given):
         step(state, w, 0.0, t + 1, [7, t])
@@ -293,15 +179,15 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only(tiny, optimizer):
 
     Breaks caught (each verified): decay on every leaf, decay on /w only (not the embeddings), no
     decay at all."""
-    tree, lr, wd = _random_tree(tiny, 4), 0.1, 0.5
+    tree, lr, wd = helpers.random_tree(tiny, 4), 0.1, 0.5
     w = _windows(tiny, 2, 17).reshape(1, 2, 17)
     after = {}
     for d in (0.0, wd):
-        state = training.TrainState(tiny, tree, optimizer)
-        step = training.make_train_step(tiny, optimizer, weight_decay=d, jit_compile=False)
+        state = step_lib.TrainState(tiny, tree, optimizer)
+        step = step_lib.make_train_step(tiny, optimizer, weight_decay=d, jit_compile=False)
         step(state, w, lr, 1, [0, 0])
-        after[d] = _leaves(state.params)
-    before = _leaves(tree)
+        after[d] = helpers.leaves(state.params)
+    before = helpers.leaves(tree)
     decayed = {'model/wte', 'model/wpe'} | {
         f'model/h{i}/{m}/w' for i in range(tiny.n_layer)
         for m in ('attn/c_attn', 'attn/c_proj', 'mlp/c_fc', 'mlp/c_proj')}
@@ -321,15 +207,15 @@ def test_max_grad_norm_scales_the_gradients_to_that_global_norm(tiny, ratio):
 
     Breaks caught (each verified): no clipping, each tensor clipped to max_norm on its own,
     gradients always scaled to max_norm (even up)."""
-    tree, lr = _random_tree(tiny, 5), 10.0
+    tree, lr = helpers.random_tree(tiny, 5), 10.0
     w = _windows(tiny, 2, 17)
-    _, grads = training.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
+    _, grads = step_lib.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
     grads = {k: g.numpy().astype(np.float64) for k, g in grads.items()}
     norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
-    state = training.TrainState(tiny, tree, 'sgd')
-    step = training.make_train_step(tiny, 'sgd', max_grad_norm=ratio * norm, jit_compile=False)
+    state = step_lib.TrainState(tiny, tree, 'sgd')
+    step = step_lib.make_train_step(tiny, 'sgd', max_grad_norm=ratio * norm, jit_compile=False)
     step(state, w[None], lr, 1, [0, 0])
-    before, after = _leaves(tree), _leaves(state.params)
+    before, after = helpers.leaves(tree), helpers.leaves(state.params)
     scale = min(1.0, ratio)  # max_norm / norm
     delta = np.concatenate([(after[k].astype(np.float64) - before[k]).ravel() for k in grads])
     want = np.concatenate([(-lr * scale * grads[k]).ravel() for k in grads])
@@ -347,12 +233,12 @@ def test_accumulate_gradients_in_train_equals_a_bigger_batch(tmp_path, tiny, dat
     Breaks caught (each verified): micro-batch gradients summed instead of averaged, only
     batch_size windows drawn per step (the second micro-batch a repeat of the first)."""
     opts = dict(steps=3, optimizer='sgd', learning_rate=1.0, jit_compile=False)
-    acc = _train(tmp_path, tiny, data, run_name='acc', batch_size=2, accumulate_gradients=2,
-                 **opts)
-    big = _train(tmp_path, tiny, data, run_name='big', batch_size=4, **opts)
-    small = _train(tmp_path, tiny, data, run_name='small', batch_size=2, **opts)
+    acc = helpers.train_tiny(tmp_path, tiny, data, run_name='acc', batch_size=2,
+                             accumulate_gradients=2, **opts)
+    big = helpers.train_tiny(tmp_path, tiny, data, run_name='big', batch_size=4, **opts)
+    small = helpers.train_tiny(tmp_path, tiny, data, run_name='small', batch_size=2, **opts)
     np.testing.assert_allclose(acc['losses'], big['losses'], atol=1e-5)
-    pa, pb, ps = (_leaves(checkpoint.load_params(r['prefix'])[0]) for r in (acc, big, small))
+    pa, pb, ps = (helpers.leaves(checkpoint.load_params(r['prefix'])[0]) for r in (acc, big, small))
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
     assert max(np.abs(pa[k] - ps[k]).max() for k in pa) > 1e-3
@@ -428,8 +314,8 @@ def test_adafactor_equals_a_reference_of_its_documented_rule(shape):
 def test_one_micro_batch_compiles_no_accumulation_loop(tiny):
     """An empty accumulation loop left in the program once kept --memory_saving_gradients from
     saving anything (XLA's temporary buffer at 124M 1 x 1024: 1.11 GB with it, 0.44 without)."""
-    state = training.TrainState(tiny, model.init_params(tiny, seed=3), 'adam')
-    step = training.make_train_step(tiny, 'adam', recompute=True)
+    state = step_lib.TrainState(tiny, model.init_params(tiny, seed=3), 'adam')
+    step = step_lib.make_train_step(tiny, 'adam', recompute=True)
     hlo = {n: step.optimized_hlo(state, _windows(tiny, n, 17).reshape([n, 1, 17]))
            for n in (1, 2)}
     loops = {n: text.count(' while(') for n, text in hlo.items()}
@@ -438,10 +324,10 @@ def test_one_micro_batch_compiles_no_accumulation_loop(tiny):
 
 def _with_and_without_recompute(hp, jit_compile):
     """Random params, windows, and {recompute: compiled loss_and_grads} for both settings."""
-    params = model.to_tensors(_random_tree(hp, 1))
+    params = model.to_tensors(helpers.random_tree(hp, 1))
     w = tf.constant(_windows(hp, 2, 20))
     def compiled(recompute):
-        return tf.function(lambda p, x: training.loss_and_grads(hp, p, x, recompute=recompute),
+        return tf.function(lambda p, x: step_lib.loss_and_grads(hp, p, x, recompute=recompute),
                            jit_compile=jit_compile)
     return params, w, {r: compiled(r) for r in (False, True)}
 
@@ -489,9 +375,9 @@ def test_fused_head_loss_equals_the_whole_logits_loss_and_its_gradients(jit_comp
 
 
 def test_transformer_only_leaves_the_embeddings_and_ln_f(tmp_path, tiny, data):
-    out = _train(tmp_path, tiny, data, steps=3, only_train_transformer_layers=True)
-    after = _leaves(checkpoint.load_params(out['prefix'])[0])
-    before = _leaves(model.init_params(tiny, seed=0))
+    out = helpers.train_tiny(tmp_path, tiny, data, steps=3, only_train_transformer_layers=True)
+    after = helpers.leaves(checkpoint.load_params(out['prefix'])[0])
+    before = helpers.leaves(model.init_params(tiny, seed=0))
     frozen = ['model/wte', 'model/wpe', 'model/ln_f/g', 'model/ln_f/b']
     assert all(np.array_equal(after[k], before[k]) for k in frozen)
     assert not np.array_equal(after['model/h0/attn/c_attn/w'], before['model/h0/attn/c_attn/w'])
@@ -502,34 +388,34 @@ def test_transformer_only_leaves_the_embeddings_and_ln_f(tmp_path, tiny, data):
 def _record_datasets(monkeypatch):
     # Which dataset each step drew from: every window of dataset i starts with token 10 * i.
     seen = []
-    real = training.dataset_lib.Sampler.batch
+    real = dataset.Sampler.batch
 
     def batch(self, n):
         seen.append(int(self.chunks[0][0]) // 10)
         return real(self, n)
-    monkeypatch.setattr(training.dataset_lib.Sampler, 'batch', batch)
+    monkeypatch.setattr(dataset.Sampler, 'batch', batch)
     return seen
 
 
 def _const_npz(path, i):
-    return _npz(path, np.full(200, 10 * i))
+    return helpers.npz(path, np.full(200, 10 * i))
 
 
 def test_curriculum_switches_at_the_given_steps(tmp_path, tiny, monkeypatch):
     a, b = _const_npz(tmp_path / 'a.npz', 0), _const_npz(tmp_path / 'b.npz', 1)
     seen = _record_datasets(monkeypatch)
-    out = _train(tmp_path, tiny, None, curriculum=f'{a}:3,{b}:2', save_every=4)
+    out = helpers.train_tiny(tmp_path, tiny, None, curriculum=f'{a}:3,{b}:2', save_every=4)
     assert seen == [0, 0, 0, 1, 1] and out['step'] == 5  # stops where the curriculum ends
     # Resumed past the switch, it picks up on the second dataset.
     seen.clear()
-    _train(tmp_path, tiny, None, curriculum=f'{a}:3,{b}:2', steps=7, save_every=4)
+    helpers.train_tiny(tmp_path, tiny, None, curriculum=f'{a}:3,{b}:2', steps=7, save_every=4)
     assert seen == [1, 1]
 
 
 def test_curriculum_swaps_at_every_save(tmp_path, tiny, monkeypatch):
     paths = [_const_npz(tmp_path / f'{i}.npz', i) for i in range(3)]
     seen = _record_datasets(monkeypatch)
-    _train(tmp_path, tiny, None, curriculum=','.join(paths), save_every=2, steps=8)
+    helpers.train_tiny(tmp_path, tiny, None, curriculum=','.join(paths), save_every=2, steps=8)
     assert seen == [0, 0, 1, 1, 2, 2, 0, 0]
 
 
@@ -573,8 +459,8 @@ def test_adam_rules_equal_pytorchs(name, torch_name):
 @pytest.mark.parametrize('name', ['adafactor', 'sgd', 'adamw'])
 def test_every_optimizer_trains(tmp_path, tiny, data, name):
     lr = {'sgd': 0.3, 'adafactor': 1e-2, 'adamw': 3e-3}[name]
-    losses = _train(tmp_path, tiny, data, steps=30, batch_size=4, optimizer=name,
-                    learning_rate=lr, jit_compile=False)['losses']
+    losses = helpers.train_tiny(tmp_path, tiny, data, steps=30, batch_size=4, optimizer=name,
+                                learning_rate=lr, jit_compile=False)['losses']
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
 
 
@@ -587,8 +473,8 @@ def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
     (worst relative error 3.8e-4, which the earlier atol 1e-4 on the gradients let through)."""
     torch = pytest.importorskip('torch')
     transformers = pytest.importorskip('transformers')
-    tree = _random_tree(tiny, 2)
-    flat = _leaves(tree)
+    tree = helpers.random_tree(tiny, 2)
+    flat = helpers.leaves(tree)
     cfg = transformers.GPT2Config(vocab_size=tiny.n_vocab, n_positions=tiny.n_ctx,
                                   n_embd=tiny.n_embd, n_layer=tiny.n_layer, n_head=tiny.n_head,
                                   activation_function='gelu_new', resid_pdrop=0.0,
@@ -618,7 +504,7 @@ def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
     out = hf(input_ids=x, labels=x)  # HF shifts: predicts x[:, 1:] from x[:, :-1], as we do
     out.loss.backward()
     grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
-    loss, ours = training.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
+    loss, ours = step_lib.loss_and_grads(tiny, model.to_tensors(tree), tf.constant(w))
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), atol=1e-4)
     rel = {}
     for k, g in ours.items():
@@ -631,27 +517,27 @@ def test_hugging_face_gives_the_same_loss_and_gradients(tiny):
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny, data):
     with pytest.raises(UserError, match=r'loss became (nan|inf).*last good checkpoint .*model-1'):
-        _train(tmp_path, tiny, data, steps=10, save_every=1, optimizer='sgd',
-               learning_rate=1e30)
+        helpers.train_tiny(tmp_path, tiny, data, steps=10, save_every=1, optimizer='sgd',
+                           learning_rate=1e30)
     run = str(tmp_path / 'ckpt' / settings.TrainSettings.run_name)
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(run)] == [1]
 
 
 def test_bad_input_is_a_user_error(tmp_path, tiny, data):
-    short = _npz(tmp_path / 'short.npz', np.arange(10))
+    short = helpers.npz(tmp_path / 'short.npz', np.arange(10))
     with pytest.raises(UserError, match='too short for windows of 17 tokens'):
-        _train(tmp_path, tiny, short)
+        helpers.train_tiny(tmp_path, tiny, short)
     with pytest.raises(UserError, match=r'not downloaded.*download_model.py 124M'):
-        training.train(data, models_dir=str(tmp_path / 'models'), progress=False)
+        helpers.train(data, models_dir=str(tmp_path / 'models'), progress=False)
     with pytest.raises(UserError, match='unknown --optimizer .adamx.'):
-        _train(tmp_path, tiny, data, optimizer='adamx')
+        helpers.train_tiny(tmp_path, tiny, data, optimizer='adamx')
     (tmp_path / 'file').write_text('')
     with pytest.raises(UserError, match='cannot write to the checkpoint folder'):
-        _train(tmp_path, tiny, data, checkpoint_dir=str(tmp_path / 'file'), steps=1)
-    _train(tmp_path, tiny, data, steps=1, run_name='r')
+        helpers.train_tiny(tmp_path, tiny, data, checkpoint_dir=str(tmp_path / 'file'), steps=1)
+    helpers.train_tiny(tmp_path, tiny, data, steps=1, run_name='r')
     wider = hparams_lib.HParams(**{**tiny.to_dict(), 'n_embd': 64})
     with pytest.raises(UserError, match="holds a model with hparams .*'n_embd': 32"):
-        _train(tmp_path, wider, data, steps=2, run_name='r')
+        helpers.train_tiny(tmp_path, wider, data, steps=2, run_name='r')
 
 
 def _script(tmp_path, tiny, data, *args):
@@ -761,7 +647,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny, data):
 def test_openais_graph_restores_a_checkpoint_saved_by_train_py(tmp_path, data):
     require_shared()
     hp_path = os.path.join(OPENAI_117M, 'hparams.json')
-    tokens = _npz(tmp_path / 'd.npz', _pattern(vocab=50257))
+    tokens = helpers.npz(tmp_path / 'd.npz', helpers.pattern(vocab=50257))
     cmd = [PY, os.path.join(ROOT, 'train.py'), '--dataset', tokens, '--from_scratch', '--hparams',
            hp_path, '--checkpoint_dir', str(tmp_path / 'ckpt'), '--seq_len', '8', '--steps', '1',
            '--sample_every', '0', '--noprogress']
