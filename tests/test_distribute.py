@@ -82,7 +82,8 @@ def test_mirrored_on_two_devices_gives_the_one_device_weights(tmp_path):
     accumulation, noise and clipping; Adam resumed from 2 replicas on 1 and from 1 on 2), and
     mixed precision too to its rounding; --batch_size 3 on 2 replicas is a UserError.
 
-    Break caught (verified): the gradients summed over the replicas, not averaged."""
+    Breaks caught (verified): the gradients summed over the replicas, not averaged; the resumed
+    run's optimizer slots left at zero."""
     data = helpers.npz(tmp_path / 'd.npz', helpers.pattern())
     out = subprocess.run([PY, '-c', MIRRORED, data, str(tmp_path / 'ckpt')], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
@@ -91,8 +92,12 @@ def test_mirrored_on_two_devices_gives_the_one_device_weights(tmp_path):
     print('mirrored on 2 devices against none, max |weight difference|: sgd', rows['sgd'],
           'adam 2->1', rows['adam-2to1'], 'adam 1->2', rows['adam-1to2'],
           '; of the change, bf16', rows['bf16'], 'fp16', rows['fp16'])
-    for name in ('sgd', 'adam-2to1', 'adam-1to2'):
-        assert float(rows[name]) <= 1e-5, (name, rows[name])
+    assert float(rows['sgd']) <= 1e-5, rows['sgd']
+    # Adam divides by sqrt(v), which carries the replicas' other summation order further: 1.8e-5
+    # on a Zen 5, under 1e-5 on a Zen 3. A lost or misplaced slot on resume moves weights by
+    # about the learning rate (3e-3), far above this bound.
+    for name in ('adam-2to1', 'adam-1to2'):
+        assert float(rows[name]) <= 1e-4, (name, rows[name])
     assert float(rows['bf16']) <= 1e-2 and float(rows['fp16']) <= 1e-2, rows
     assert rows['odd'].startswith('--batch_size 3 does not split evenly over the 2 replicas'), rows
 
