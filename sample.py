@@ -11,11 +11,10 @@ cli.quiet_tensorflow()
 
 from gpt2 import atlas as atlas_lib  # noqa: E402
 from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import fast, paths, precision, prompts, sampling, scoring  # noqa: E402
+from gpt2 import fast, paths, precision, prompts, samples_file, sampling, scoring  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 
 MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
-DELIMITER = novelty_lib.SAMPLE_HEADER
 
 
 # ---- shared pieces of the subcommands ----
@@ -59,7 +58,7 @@ def _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, b
 
 def _show(i, body, quiet):
     if not quiet:
-        print(DELIMITER.format(i + 1))
+        print(samples_file.SAMPLE_HEADER.format(i + 1))
     print(body)
 
 
@@ -144,7 +143,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
             chunks.append(body)
             _show(i, body, quiet)
         if out_file:
-            paths.write_text(out_file, novelty_lib.format_samples(chunks))
+            paths.write_text(out_file, samples_file.format_samples(chunks))
         return chunks
 
     if not interactive:

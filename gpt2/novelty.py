@@ -20,22 +20,15 @@ import encoder as encoder_lib
 from gpt2 import dataset
 from gpt2 import errors
 from gpt2 import paths as paths_lib
+from gpt2 import samples_file
 from gpt2.errors import UserError
 
-# sample.py writes '<40 x => SAMPLE n <40 x =>' between samples; any line starting with this prefix
-# is a delimiter, never checked, always kept.
-SAMPLE_DELIMITER = '=' * 40
-SAMPLE_HEADER = SAMPLE_DELIMITER + ' SAMPLE {} ' + SAMPLE_DELIMITER  # .format(sample number)
 MODES = ('drop', 'mark')
 MARKER = '[copied] '  # prefixed to each copied line in `mark` mode
 DEFAULT_NGRAM = 8  # tokens; about six words (see README.md, novelty filter for how it was chosen)
 _FLUSH = 1 << 20  # corpus tokens hashed at a time, so a huge file never lives as a Python list
-
-
-def format_samples(texts):
-    """The samples file that sample.py, train.py and palimpsests write (and this filter reads):
-    each text after a SAMPLE_HEADER line with its number from 1."""
-    return ''.join(f'{SAMPLE_HEADER.format(i + 1)}\n{t}\n' for i, t in enumerate(texts))
+# gpt2/training.py's name for it until it imports gpt2.samples_file itself.
+format_samples = samples_file.format_samples
 
 
 def normalise(line):
@@ -200,7 +193,8 @@ class Filter:
     `.check(text) -> (kept_text, report)` on each generated text; `.total` sums the reports of
     every check (a rate for the checkpoint). `ngram` defaults to DEFAULT_NGRAM, or the Index's."""
 
-    def __init__(self, corpus, *, mode='drop', ngram=None, enc=None, delimiter=SAMPLE_DELIMITER):
+    def __init__(self, corpus, *, mode='drop', ngram=None, enc=None,
+                 delimiter=samples_file.SAMPLE_DELIMITER):
         self.mode = _check_mode(mode)
         if isinstance(corpus, Index):
             if ngram is not None and ngram != corpus.ngram:
@@ -252,7 +246,7 @@ class Filter:
 
 
 def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
-        delimiter=SAMPLE_DELIMITER):
+        delimiter=samples_file.SAMPLE_DELIMITER):
     """Drop or mark the lines of a samples file that are copied from the training corpus.
 
     A line is copied when, after collapsing whitespace and ignoring case, it is a line of the
@@ -276,7 +270,7 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
     if output is not None and not isinstance(output, (str, os.PathLike)):
         raise UserError(f'--output needs a file name, got {output!r}; e.g. --output '
                         'samples/novel.txt, or leave it out to write to stdout')
-    text = _read_samples(samples)
+    text = samples_file.read(samples)
     filt = Filter(corpus, mode=mode, ngram=ngram, delimiter=delimiter)
     kept, report = filt.check(text)
     if output is None:
@@ -290,14 +284,3 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
     print(f'novelty: {report}; {verb} {report.copied_lines} lines -> {where}', file=sys.stderr)
     return report.to_dict()
 
-
-def _read_samples(path):
-    if not os.path.isfile(path):
-        what = 'a folder' if os.path.isdir(path) else 'not found'
-        raise UserError(f'samples file {path} is {what}; pass the text file sample.py wrote')
-    try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f'samples file {path} is not UTF-8 text (byte {e.start}); '
-                        'pass the text file sample.py wrote') from None

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from gpt2 import checkpoint, fast, model, novelty, paths, precision, sampling
+from gpt2 import checkpoint, fast, model, paths, precision, samples_file, sampling
 from gpt2 import errors
 from gpt2.errors import UserError
 
@@ -280,7 +280,7 @@ def output_name(kind, description, *, seed, temperature):
 def write(path, texts, meta):
     """The samples file at `path` and its JSON record beside it (`meta`), both atomically;
     returns the JSON's path."""
-    paths.write_text(path, novelty.format_samples(texts))
+    paths.write_text(path, samples_file.format_samples(texts))
     json_path = os.path.splitext(path)[0] + '.json'
     paths.write_text(json_path, json.dumps(meta, indent=2, ensure_ascii=False) + '\n')
     return json_path

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling, scoring
-from gpt2.novelty import SAMPLE_DELIMITER
+from gpt2.samples_file import SAMPLE_DELIMITER
 from tests.conftest import ROOT, run_sample_py
 
 IN_CI = os.environ.get('CI', '').lower() == 'true'
