@@ -121,7 +121,7 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
     stop_ids, stop_strings = prompts.stops(stop, enc)
     seed = sampling.new_seed() if seed is None else int(seed)
     print(f'checkpoint {prefix}, seed {seed}', file=sys.stderr)
-    spans = [(0, (params,), (1.0,))]
+    spans = [sampling.Span.fixed(params)]
 
     def once(prompt_texts, seed, out_file):
         rows, shown = prompts.rows(prompt_texts, enc, hparams, nsamples)
@@ -257,7 +257,7 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
     update, close = _progress(len(rows) * length, quiet)
     try:
         res = palimpsest_lib.run(
-            hparams, plan.spans, store, prompts=rows, batch_size=batch_size, length=length,
+            hparams, plan.turns, store, prompts=rows, batch_size=batch_size, length=length,
             cache=cache, blend=plan.blend, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, repetition_penalty=repetition_penalty, stop_ids=stop_ids,
             stop_strings=stop_strings, decode_text=enc.decode, jit_compile=xla, progress=update)
@@ -267,9 +267,11 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
                                       temperature=temperature)
     path = output or os.path.join(samples_dir, base + '.txt')
     chunks, records = [], []
-    for i, (toks, text, spans) in enumerate(zip(res['tokens'], res['texts'], res['spans'])):
+    for i, (toks, text, stretches) in enumerate(zip(res['tokens'], res['texts'],
+                                                    res['stretches'])):
         if annotate:
-            text, rec = palimpsest_lib.annotate(toks, spans, enc.decode, text=text)
+            text, rec = palimpsest_lib.annotate(toks, stretches, enc.decode, text=text)
+            # 'spans': the record's key for the stretches since its first version
             records.append({'sample': i + 1, 'prompt': shown[i], 'spans': rec})
         body = (shown[i] + text) if include_prompt else text
         chunks.append(body)

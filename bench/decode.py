@@ -46,7 +46,7 @@ def _best(fn, repeats):
 
 def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None, dtype='fp32'):
     """Greedy, or with top_k a draw at temperature 1 from the top_k most likely tokens."""
-    spans = spans or [(0, (fast.for_decoding(params, dtype),), (1.0,))]
+    spans = spans or [sampling.Span.fixed(fast.for_decoding(params, dtype))]
 
     def go():
         sampling.run_spans(hp, spans, prompts=prompts, batch_size=len(prompts), length=new,
@@ -140,7 +140,7 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
                                             repeats)
         best_jit = min((rows['ours xla=True'], True), (rows['ours xla=False'], False))[1]
         tensors = fast.for_decoding(params)
-        spans = [(i, ((tensors, other)[(i // swap_every) % 2],), (1.0,))
+        spans = [sampling.Span.fixed((tensors, other)[(i // swap_every) % 2], start=i)
                  for i in range(0, new, swap_every)]
         rows[f'palimpsest keep, swap/{swap_every}'] = _best(
             ours(hp, params, prompts, new, jit_compile=best_jit, spans=spans), repeats)

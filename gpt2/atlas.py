@@ -129,7 +129,7 @@ class Atlas(NamedTuple):
     """Everything the page shows. `log` is log.jsonl's records (None for a run without one),
     `saved` every checkpoint of the run, `prefixes` the chosen ones, `shown` each row's prompt
     (prompt by prompt, `nsamples` rows each), `cells` prefix by temperature, `every` the
-    palimpsest's tokens per checkpoint, `layers` each palimpsest's spans (palimpsest.annotate's
+    palimpsest's tokens per checkpoint, `layers` each palimpsest's stretches (palimpsest.annotate's
     records), `command` the line that writes the page again, `traces` the compiled decode
     loop's traces, keyed by greedy or not."""
     run_dir: str
@@ -184,7 +184,8 @@ def build(run_dir, prefixes, *, temperatures, texts, nsamples, length, seed, cor
             tree = store.get(prefix)
             for t in temperatures:
                 bar.set_postfix_str(f'{os.path.basename(prefix)} T={t:g}')
-                res = sampling.run_spans(hp, [(0, (tree,), (1.0,))], temperature=t, **controls)
+                res = sampling.run_spans(hp, [sampling.Span.fixed(tree)], temperature=t,
+                                         **controls)
                 traces[t == 0] = res['tracing_count']
                 marks = [copied_lines(filt, text) for text in res['texts']]
                 report = sum((r for _, r in marks), novelty.Report(filt.index.ngram))
@@ -195,8 +196,9 @@ def build(run_dir, prefixes, *, temperatures, texts, nsamples, length, seed, cor
         res = palimpsest.run(hp, palimpsest.walk_plan(prefixes, every), store, cache='keep',
                              temperature=temperatures[0], **controls)
         traces[temperatures[0] == 0] = res['tracing_count']
-        layers = [palimpsest.annotate(toks, spans, enc.decode, text=text)[1]
-                  for toks, text, spans in zip(res['tokens'], res['texts'], res['spans'])]
+        layers = [palimpsest.annotate(toks, stretches, enc.decode, text=text)[1]
+                  for toks, text, stretches in zip(res['tokens'], res['texts'],
+                                                   res['stretches'])]
         bar.update(1)
     return Atlas(run_dir, runlog.read(run_dir), checkpoint.list_checkpoints(run_dir),
                  list(prefixes), tuple(temperatures), shown, nsamples, cells, every, layers,

@@ -1,8 +1,9 @@
 """The palimpsest sampler: one text written by checkpoints from several moments of training.
 
 Owns the plans (schedule, cycle, walk through a run, blend), naming and loading the checkpoints
-lazily within a memory budget, and the annotation of who wrote which span. The decoding itself is
-gpt2/sampling.py's compiled loop, given another parameter tree at each span (no retrace).
+lazily within a memory budget, and the annotation of who wrote which stretch of the text. The
+decoding itself is gpt2/sampling.py's compiled loop, given another parameter tree at each turn (a
+sampling.Span: no retrace).
 """
 import collections
 import hashlib
@@ -18,10 +19,10 @@ from gpt2 import errors
 from gpt2.errors import UserError
 
 DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
-MARK = '[[{}]]'            # how --annotate marks the start of a span in text output
+MARK = '[[{}]]'            # how --annotate marks the start of a stretch in text output
 
 
-# ---- plans: lists of (first new-token index, checkpoint names, weights) ----
+# ---- plans: turns [(first new-token index, checkpoint)], or a blend [(checkpoint, weight)] ----
 
 def split_items(value, flag):
     """Comma-separated entries of a flag."""
@@ -119,10 +120,10 @@ def all_steps(run_dir):
 
 
 class Plan(NamedTuple):
-    """What the flags ask for: `spans` [(first new-token index, prefix)] or `blend`
+    """What the flags ask for: `turns` [(first new-token index, prefix)] or `blend`
     [(prefix, weight)], the `prefixes` they name, a `description` for file names, and a `note`
     for the user ('' when none)."""
-    spans: list
+    turns: list
     blend: list
     prefixes: list
     description: str
@@ -140,14 +141,14 @@ def plan_from_flags(*, schedule=None, cycle=None, steps=None, every=None, blend=
         weighted = [(name(n), w) for n, w in parse_blend(blend)]
         return Plan(None, weighted, [p for p, _ in weighted], f'blend-{blend}')
     if schedule is not None:
-        spans = [(pos, name(n)) for pos, n in parse_schedule(schedule)]
-        return Plan(spans, None, [p for _, p in spans], str(schedule))
+        turns = [(pos, name(n)) for pos, n in parse_schedule(schedule)]
+        return Plan(turns, None, [p for _, p in turns], str(schedule))
     flag = '--cycle' if cycle is not None else '--steps'
     if every is None:
         raise UserError(f'{flag} needs --every N (tokens per checkpoint)')
     if cycle is not None:
-        spans = cycle_plan([name(n) for n in split_items(cycle, flag)], every, length)
-        return Plan(spans, None, [p for _, p in spans], f'cycle-{cycle}-every{every}')
+        turns = cycle_plan([name(n) for n in split_items(cycle, flag)], every, length)
+        return Plan(turns, None, [p for _, p in turns], f'cycle-{cycle}-every{every}')
     if str(steps) == 'all':
         if run_dir is None:
             raise UserError('--steps all needs --run_name (the run to walk through)')
@@ -158,8 +159,8 @@ def plan_from_flags(*, schedule=None, cycle=None, steps=None, every=None, blend=
     if len(names) * every > length + every:
         note = (f'{len(names)} checkpoints x {every} tokens is more than --length {length}; '
                 'the later ones are not reached')
-    spans = walk_plan(names, every)
-    return Plan(spans, None, [p for _, p in spans], f'steps-{steps}-every{every}', note)
+    turns = walk_plan(names, every)
+    return Plan(turns, None, [p for _, p in turns], f'steps-{steps}-every{every}', note)
 
 
 def check_same_hparams(prefixes):
@@ -217,31 +218,30 @@ class Store:
 
 # ---- running a plan ----
 
-def run(hparams, plan, store, *, prompts, batch_size, length, cache='keep', blend=None, **controls):
-    """Sample with checkpoints taking over at the plan's positions.
+def run(hparams, turns, store, *, prompts, batch_size, length, cache='keep', blend=None,
+        **controls):
+    """Sample with checkpoints taking their turns.
 
-    `plan` is [(first new-token index, prefix)] sorted from 0, or None with `blend`
+    `turns` is [(first new-token index, prefix)] sorted from 0, or None with `blend`
     [(prefix, weight)]. `cache` 'keep' leaves the keys/values earlier checkpoints wrote in the
     cache (later tokens read the text as those moments understood it), 'recompute' re-reads the
-    text with each new checkpoint. Returns {'tokens', 'texts', 'spans'}, spans per sample being
-    [(first token, end token, prefix)].
+    text with each new checkpoint. Returns {'tokens', 'texts', 'stretches'}, the stretches of a
+    sample being [(first token, end token, prefix)]: who wrote which of its tokens.
     """
     if cache not in ('keep', 'recompute'):
         raise UserError(f'--cache must be keep or recompute, got {cache!r}')
     if blend:
         prefixes = [p for p, _ in blend]
-        spans = [(0, lambda: tuple(store.get(p) for p in prefixes),
-                  tuple(w for _, w in blend))]
-        plan = [(0, '+'.join(f'{_short(p)}:{w:g}' for p, w in blend))]
+        spans = [sampling.Span(0, lambda: tuple(store.get(p) for p in prefixes),
+                               tuple(w for _, w in blend))]
+        turns = [(0, '+'.join(f'{_short(p)}:{w:g}' for p, w in blend))]
     else:
-        spans = [(pos, _getter(store, p), (1.0,)) for pos, p in plan]
+        spans = [sampling.Span(pos, _getter(store, p)) for pos, p in turns]
     out = sampling.run_spans(hparams, spans, prompts=prompts, batch_size=batch_size,
                              length=length, recompute=cache == 'recompute', **controls)
-    out['spans'] = []
-    for toks in out['tokens']:
-        bounds = [pos for pos, _ in plan] + [length]
-        out['spans'].append([(a, min(b, len(toks)), p) for (a, p), b in zip(plan, bounds[1:])
-                             if a < len(toks)])
+    ends = [pos for pos, _ in turns[1:]] + [length]
+    out['stretches'] = [[(a, min(b, len(toks)), p) for (a, p), b in zip(turns, ends)
+                         if a < len(toks)] for toks in out['tokens']]
     return out
 
 
@@ -253,11 +253,11 @@ def _short(prefix):
     return os.path.basename(prefix)
 
 
-def annotate(tokens, spans, decode_text, *, text=None):
-    """(text with MARK before each span, [{checkpoint, tokens [a, b), chars [a, b), text}])."""
+def annotate(tokens, stretches, decode_text, *, text=None):
+    """(text with MARK before each stretch, [{checkpoint, tokens [a, b), chars [a, b), text}])."""
     parts, records = [], []
     full = text if text is not None else decode_text(tokens)
-    for a, b, prefix in spans:
+    for a, b, prefix in stretches:
         ca = len(decode_text(tokens[:a]))
         cb = len(full) if b >= len(tokens) else len(decode_text(tokens[:b]))
         cb = min(cb, len(full))

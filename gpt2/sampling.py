@@ -2,10 +2,11 @@
 
 The decode loop is built once per (hparams, batch, cache length, filter kinds) and takes the
 parameter tree(s) as arguments, so the tree can change at any token boundary without a retrace:
-plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per span.
+plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per Span.
 """
 import functools
 import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -294,6 +295,21 @@ class Decoder:
 
 # ---- the public entry points ----
 
+class Span(NamedTuple):
+    """From new token `start` on, the tokens come from the parameter trees `trees()` returns: a
+    tuple, whose next-token distributions are mixed by `weights` when it holds more than one.
+    `trees` is a function so that the palimpsest's Store loads a checkpoint only when its span
+    is reached."""
+    start: int
+    trees: Callable[[], tuple]
+    weights: tuple = (1.0,)
+
+    @classmethod
+    def fixed(cls, tree, start=0):
+        """A span of one tree already in memory."""
+        return cls(start, lambda: (tree,))
+
+
 def check_controls(*, length, temperature, top_k, top_p, repetition_penalty, nsamples=1,
                    batch_size=1):
     """Raise UserError for values no sampler can use."""
@@ -379,7 +395,7 @@ def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
     `prompts` is a list of token-id lists, one per sample (None: unconditional, from
     <|endoftext|>); a row ends early at any id in `stop_ids` (not included). Sample i uses noise
     keyed on (seed, i, step), so it is the same whatever the batch size. Lengths past n_ctx slide
-    the context window. See plan.run_spans for checkpoint swaps.
+    the context window.
     """
     check_controls(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, nsamples=nsamples,
@@ -391,7 +407,7 @@ def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
     prompts = [list(map(int, p)) for p in prompts]
     check_prompts(hparams, prompts)
     seed = new_seed() if seed is None else seed
-    spans = [(0, (fast.for_decoding(params),), (1.0,))]
+    spans = [Span.fixed(fast.for_decoding(params))]
     return run_spans(hparams, spans, prompts=prompts, batch_size=batch_size, length=length,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      repetition_penalty=repetition_penalty, stop_ids=stop_ids,
@@ -404,43 +420,42 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
               on_span=None):
     """The driver shared by plain and palimpsest sampling.
 
-    `spans` is a list of (first new-token index, tuple of param trees, weights), sorted, the first
-    at 0: from that index on, tokens come from those trees (a mixture when more than one). With
-    `recompute`, the cache is rebuilt from the text with the new trees at each span; otherwise it
-    keeps what earlier trees wrote (a tree count change always rebuilds). Rows end at `stop_ids`
-    inside the loop and at `stop_strings` (needs `decode_text`) between chunks.
+    `spans` is a list of Span sorted by start, the first at 0. With `recompute`, the cache is
+    rebuilt from the text with each span's trees as it begins; otherwise it keeps what earlier
+    trees wrote. Rows end at `stop_ids` inside the loop and at `stop_strings` (needs
+    `decode_text`) between chunks.
     Returns {'tokens': new ids per sample, 'texts': decoded and cut at stop strings or None,
     'tracing_count': traces of the compiled loop so far}.
     """
-    n_models = len(spans[0][2])
-    assert spans[0][0] == 0 and all(len(s[2]) == n_models for s in spans)
+    n_models = len(spans[0].weights)
+    assert spans[0].start == 0 and all(len(s.weights) == n_models for s in spans)
     need = max(len(p) for p in prompts) + length
     L = cache_length(hparams, need)
     dec = Decoder(hparams, batch_size, L, n_models=n_models, greedy_only=temperature == 0,
                   top_k=top_k, top_p=top_p < 1, penalty=repetition_penalty != 1, chunk=chunk,
                   jit_compile=jit_compile)
     results, texts = [], []
-    bounds = [s[0] for s in spans[1:]] + [length]
+    ends = [s.start for s in spans[1:]] + [length]
     for b0 in range(0, len(prompts), batch_size):
         batch = _Batch(prompts[b0:b0 + batch_size], b0, batch_size, len(prompts))
         done_steps = span_i = 0
-        dec.prefill(_trees(spans[0]), [window(r, hparams) if len(r) > L else r
+        dec.prefill(spans[0].trees(), [window(r, hparams) if len(r) > L else r
                                        for r in batch.rows], row_ids=batch.row_ids,
                     done=batch.ended)
         while done_steps < length and not batch.ended.all():
-            while span_i + 1 < len(spans) and spans[span_i + 1][0] <= done_steps:
+            while span_i + 1 < len(spans) and spans[span_i + 1].start <= done_steps:
                 span_i += 1
                 if recompute:
-                    _rebuild(dec, _trees(spans[span_i]), batch, done_steps, L, hparams)
+                    _rebuild(dec, spans[span_i].trees(), batch, done_steps, L, hparams)
             if on_span is not None:
                 on_span(span_i, done_steps)
             if dec.room() == 0:
-                _rebuild(dec, _trees(spans[span_i]), batch, done_steps, L, hparams)
-            n = min(dec.chunk, dec.room(), bounds[span_i] - done_steps)
+                _rebuild(dec, spans[span_i].trees(), batch, done_steps, L, hparams)
+            n = min(dec.chunk, dec.room(), ends[span_i] - done_steps)
             controls = make_controls(hparams, temperature=temperature, top_p=top_p,
                                      repetition_penalty=repetition_penalty, seed=seed,
-                                     stop_ids=stop_ids, weights=spans[span_i][2])
-            batch.take(dec.run(_trees(spans[span_i]), n, controls), stop_ids, stop_strings,
+                                     stop_ids=stop_ids, weights=spans[span_i].weights)
+            batch.take(dec.run(spans[span_i].trees(), n, controls), stop_ids, stop_strings,
                        decode_text)
             done_steps += n
             if progress is not None:
@@ -502,11 +517,6 @@ class _Batch:
             while k and len(decode_text(gen[:k])) > self.cut[r]:
                 k -= 1
             yield gen[:k], text
-
-
-def _trees(span):
-    # A span's trees, or a function that loads them on first use (the palimpsest's Store).
-    return span[1]() if callable(span[1]) else span[1]
 
 
 def _rebuild(dec, params, batch, steps, L, hparams):

@@ -232,11 +232,11 @@ def test_the_palimpsest_spans_join_to_the_palimpsests_text(page, run):
     assert list(legend) == [f'model-{s}' for s in STEPS]
     texts = doc.find('div', 'palimpsest')
     assert len(texts) == len(want['texts'])
-    for div, wanted, spans in zip(texts, want['texts'], want['spans']):
+    for div, wanted, stretches in zip(texts, want['texts'], want['stretches']):
         got = div.find('span')
         assert _unpicture(''.join(s.text() for s in got)) == wanted
         names = [s.attrs['data-checkpoint'] for s in got]
-        assert names == [os.path.basename(p) for _, _, p in spans]
+        assert names == [os.path.basename(p) for _, _, p in stretches]
         assert [s.classes() for s in got] == [[legend[n]] for n in names]
     assert len(set(legend.values())) == len(STEPS)
 

@@ -116,7 +116,8 @@ def test_recompute_greedy_tokens_are_each_spans_checkpoint_under_full_forward(ti
         prefix = [p for pos, p in plan if pos <= i][-1]
         assert new == int(np.argmax(full_logits(tiny, store.get(prefix), toks))), i
         toks.append(new)
-    assert out['spans'][0] == [(0, 5, prefixes[0]), (5, 9, prefixes[1]), (9, 14, prefixes[2])]
+    assert out['stretches'][0] == [(0, 5, prefixes[0]), (5, 9, prefixes[1]),
+                                   (9, 14, prefixes[2])]
 
 
 def test_keep_mode_cache_holds_the_old_checkpoints_keys_and_values(tiny, run):
@@ -170,11 +171,11 @@ def test_swaps_do_not_retrace(tiny, run):
     plan = palimpsest.cycle_plan(prefixes, 3, 30)
     out = palimpsest.run(tiny, plan, store, prompts=[[1]], batch_size=1, length=30,
                          temperature=1.0, **CONTROLS)
-    assert len(out['spans'][0]) == 10          # nine swaps among three checkpoints
+    assert len(out['stretches'][0]) == 10      # nine swaps among three checkpoints
     assert out['tracing_count'] == 1
 
 
-def test_annotate_marks_spans(tiny):
+def test_annotate_marks_stretches(tiny):
     decode = lambda ids: ''.join(chr(97 + t % 26) for t in ids)  # noqa: E731
     text, records = palimpsest.annotate([0, 1, 2, 3, 4], [(0, 2, 'r/model-60'),
                                                           (2, 5, 'r/model-200')], decode)

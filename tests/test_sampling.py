@@ -247,7 +247,7 @@ def test_stop_tokens_end_their_row_only(tiny, params):
 def test_stop_strings_end_the_right_rows(tiny, params):
     decode = lambda ids: ''.join(chr(0x100 + t) for t in ids)  # noqa: E731  one char per id
     prompts = [[1, 2, 3], [40, 41]]
-    spans = [(0, (params,), (1.0,))]
+    spans = [sampling.Span.fixed(params)]
     kw = dict(prompts=prompts, batch_size=2, length=40, temperature=0, top_k=0, top_p=1.0,
               seed=0, decode_text=decode, chunk=4)
     free = sampling.run_spans(tiny, spans, **kw)
