@@ -74,7 +74,7 @@ def train(dataset=None, **flags):
 
 # The flags, their defaults and their checks are TrainSettings' fields, written once there; fire
 # reads this signature for parsing and --help.
-train.__signature__ = settings.TrainSettings.signature()
+train.__signature__ = settings.TrainSettings.signature(train)
 
 
 if __name__ == '__main__':

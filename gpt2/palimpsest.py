@@ -218,15 +218,15 @@ class Store:
 
 # ---- running a plan ----
 
-def run(hparams, turns, store, *, prompts, batch_size, length, cache='keep', blend=None,
-        **controls):
-    """Sample with checkpoints taking their turns.
+def sample(hparams, turns, store, s, *, prompts, cache='keep', blend=None, **options):
+    """Sample with checkpoints taking their turns, as settings.SampleSettings `s` say (with a
+    seed), through sampling.run_spans (`options`: its stops, decode_text, jit_compile, progress).
 
     `turns` is [(first new-token index, prefix)] sorted from 0, or None with `blend`
     [(prefix, weight)]. `cache` 'keep' leaves the keys/values earlier checkpoints wrote in the
     cache (later tokens read the text as those moments understood it), 'recompute' re-reads the
-    text with each new checkpoint. Returns {'tokens', 'texts', 'stretches'}, the stretches of a
-    sample being [(first token, end token, prefix)]: who wrote which of its tokens.
+    text with each new checkpoint. Returns run_spans' dict and 'stretches', those of a sample
+    being [(first token, end token, prefix)]: who wrote which of its tokens.
     """
     if cache not in ('keep', 'recompute'):
         raise UserError(f'--cache must be keep or recompute, got {cache!r}')
@@ -237,9 +237,9 @@ def run(hparams, turns, store, *, prompts, batch_size, length, cache='keep', ble
         turns = [(0, '+'.join(f'{_short(p)}:{w:g}' for p, w in blend))]
     else:
         spans = [sampling.Span(pos, _getter(store, p)) for pos, p in turns]
-    out = sampling.run_spans(hparams, spans, prompts=prompts, batch_size=batch_size,
-                             length=length, recompute=cache == 'recompute', **controls)
-    ends = [pos for pos, _ in turns[1:]] + [length]
+    out = sampling.run_spans(hparams, spans, s, prompts=prompts,
+                             recompute=cache == 'recompute', **options)
+    ends = [pos for pos, _ in turns[1:]] + [s.length]
     out['stretches'] = [[(a, min(b, len(toks)), p) for (a, p), b in zip(turns, ends)
                          if a < len(toks)] for toks in out['tokens']]
     return out

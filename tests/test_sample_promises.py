@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling, scoring
+from gpt2 import settings
 from gpt2.samples_file import SAMPLE_DELIMITER
 from tests.conftest import ROOT, run_sample_py
 
@@ -204,14 +205,15 @@ def test_keep_mode_tokens_equal_full_forward_over_the_old_checkpoints_keys(tiny,
     it over its own span on top of the keys and values the older checkpoints computed (two swaps,
     so three layers; two ragged prompts in one batch).
 
-    Caught: keep mode rebuilding the cache with the new checkpoint (palimpsest.run passing
+    Caught: keep mode rebuilding the cache with the new checkpoint (palimpsest.sample passing
     recompute=True whatever the mode)."""
     store, prefixes, trees = three_steps
     positions = (0, 5, 9)
     prompts, length = [[3, 4, 5], [7]], 14
-    out = palimpsest.run(tiny, list(zip(positions, prefixes)), store, prompts=prompts,
-                         batch_size=2, length=length, cache='keep', temperature=0, top_k=0,
-                         top_p=1.0, seed=0, jit_compile=True)
+    out = palimpsest.sample(tiny, list(zip(positions, prefixes)), store,
+                            settings.SampleSettings(batch_size=2, length=length, temperature=0,
+                                                    top_k=0, top_p=1.0, seed=0),
+                            prompts=prompts, cache='keep', jit_compile=True)
     plan = list(zip(positions, trees))
     for prompt, got in zip(prompts, out['tokens']):
         want = keep_reference(tiny, plan, prompt, length)
@@ -240,12 +242,13 @@ def test_blend_equals_argmax_of_the_weighted_mixture_of_softmaxes(tiny, three_st
     two full forwards' softmaxes.
 
     Caught: sampling.mix_logits mixing the logits (a weighted geometric mean) instead of the
-    probabilities; palimpsest.run handing the weights over in reverse order."""
+    probabilities; palimpsest.sample handing the weights over in reverse order."""
     store, prefixes, (a, b, _) = three_steps
     prompt, length = [40, 50, 60, 70], 16
-    kw = dict(prompts=[prompt], batch_size=1, length=length, top_k=0, top_p=1.0)
-    got = palimpsest.run(tiny, None, store, blend=[(prefixes[0], 0.3), (prefixes[1], 0.7)],
-                         temperature=0, seed=0, **kw)['tokens'][0]
+    kw = dict(batch_size=1, length=length, top_k=0, top_p=1.0)
+    blend = [(prefixes[0], 0.3), (prefixes[1], 0.7)]
+    got = palimpsest.sample(tiny, None, store, settings.SampleSettings(temperature=0, seed=0, **kw),
+                            prompts=[prompt], blend=blend)['tokens'][0]
     want = blend_reference(tiny, [(a, 0.3), (b, 0.7)], prompt, length)
     assert got == want
     # The proof can fail: the mixture writes neither checkpoint's text, nor the logit average's,
@@ -255,8 +258,9 @@ def test_blend_equals_argmax_of_the_weighted_mixture_of_softmaxes(tiny, three_st
                   blend_reference(tiny, [(a, 0.7), (b, 0.3)], prompt, length),
                   geometric_reference(tiny, [(a, 0.3), (b, 0.7)], prompt, length)):
         assert other != want
-    drawn = palimpsest.run(tiny, None, store, blend=[(prefixes[0], 0.3), (prefixes[1], 0.7)],
-                           temperature=1.0, seed=21, **kw)['tokens'][0]
+    drawn = palimpsest.sample(tiny, None, store,
+                              settings.SampleSettings(temperature=1.0, seed=21, **kw),
+                              prompts=[prompt], blend=blend)['tokens'][0]
     assert drawn == blend_reference(tiny, [(a, 0.3), (b, 0.7)], prompt, length, seed=21)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import checkpoint, model, sampling
+from gpt2 import checkpoint, model, sampling, settings
 from gpt2.errors import UserError
 from tests.conftest import run_sample_py
 
@@ -248,13 +248,13 @@ def test_stop_strings_end_the_right_rows(tiny, params):
     decode = lambda ids: ''.join(chr(0x100 + t) for t in ids)  # noqa: E731  one char per id
     prompts = [[1, 2, 3], [40, 41]]
     spans = [sampling.Span.fixed(params)]
-    kw = dict(prompts=prompts, batch_size=2, length=40, temperature=0, top_k=0, top_p=1.0,
-              seed=0, decode_text=decode, chunk=4)
-    free = sampling.run_spans(tiny, spans, **kw)
+    s = settings.SampleSettings(batch_size=2, length=40, temperature=0, seed=0)
+    kw = dict(prompts=prompts, decode_text=decode, chunk=4)
+    free = sampling.run_spans(tiny, spans, s, **kw)
     row0, row1 = free['tokens']
     pair = next(decode(row0[i:i + 2]) for i in range(len(row0) - 1)
                 if decode(row0[i:i + 2]) not in decode(row1))
-    out = sampling.run_spans(tiny, spans, stop_strings=[pair], **kw)
+    out = sampling.run_spans(tiny, spans, s, stop_strings=[pair], **kw)
     cut = decode(row0).index(pair)
     assert out['texts'][0] == decode(row0)[:cut]
     assert out['tokens'][0] == row0[:cut]
