@@ -1,46 +1,15 @@
 #!/usr/bin/env python3
 """Sample from GPT-2: unconditional, prompted, interactive; score a text; the palimpsest sampler;
-the atlas of a run."""
-import dataclasses
-import datetime
-import os
+the novelty filter; the atlas of a run. Each is a fire entry over the library."""
+import inspect
 import sys
 
 from gpt2 import cli
 
 cli.quiet_tensorflow()
 
-from gpt2 import atlas as atlas_lib  # noqa: E402
-from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import fast, paths, prompts, samples_file, sampling, scoring, settings  # noqa: E402
-from gpt2.errors import UserError  # noqa: E402
-
-
-# ---- shared pieces of the subcommands ----
-
-def _load_source(s):
-    """The path that --model_name, --run_name or --checkpoint names (124M by default)."""
-    if s.checkpoint is not None:
-        return str(s.checkpoint)
-    if s.run_name is not None:
-        return os.path.join(s.checkpoint_dir, str(s.run_name))
-    return paths.model_dir('124M' if s.model_name is None else s.model_name, s.models_dir)
-
-
-def _encoder(prefix):
-    import encoder
-    return encoder.get_encoder(os.path.dirname(prefix) or '.')
-
-
-def _load(s):
-    params, hparams, prefix = checkpoint.load_params(_load_source(s))
-    return params, hparams, prefix, _encoder(prefix)
-
-
-def _show(i, body, quiet):
-    if not quiet:
-        print(samples_file.SAMPLE_HEADER.format(i + 1))
-    print(body)
+from gpt2 import atlas as atlas_lib, novelty as novelty_lib  # noqa: E402
+from gpt2 import palimpsest as palimpsest_lib, scoring, session, settings  # noqa: E402
 
 
 def sample(*, interactive=False, novel_against=None, novel_mode='mark',
@@ -86,55 +55,8 @@ def sample(*, interactive=False, novel_against=None, novel_mode='mark',
         novel_mode: mark (prefix copied lines with '[copied] ') or drop.
         ngram: tokens in a shared run that make a line copied.
     """
-    s = settings.SampleSettings(**flags)
-    texts = prompts.read(s.prompt, s.prompt_file)  # bad input fails before the weights load
-    novel = (novelty_lib.Filter(novel_against, mode=novel_mode, ngram=ngram)
-             if novel_against else None)
-    params, hparams, prefix, enc = _load(s)
-    params = fast.for_decoding(params, s.dtype)
-    stop_ids, stop_strings = prompts.stops(s.stop, enc)
-    s = sampling.seeded(s)
-    print(f'checkpoint {prefix}, seed {s.seed}', file=sys.stderr)
-    spans = [sampling.Span.fixed(params)]
-
-    def once(prompt_texts, seed, out_file):
-        rows, shown = prompts.rows(prompt_texts, enc, hparams, s.nsamples)
-        update, close = sampling.progress_bar(len(rows) * s.length, s.quiet)
-        try:
-            res = sampling.run_spans(
-                hparams, spans, dataclasses.replace(s, seed=seed), prompts=rows,
-                stop_ids=stop_ids, stop_strings=stop_strings, decode_text=enc.decode,
-                jit_compile=s.xla, progress=update)
-        finally:
-            close()
-        chunks = []
-        for i, text in enumerate(res['texts']):
-            body = (shown[i] + text) if s.include_prompt else text
-            if novel:
-                body, _ = novel.check(body)
-            chunks.append(body)
-            _show(i, body, s.quiet)
-        if out_file:
-            paths.write_text(out_file, samples_file.format_samples(chunks))
-        return chunks
-
-    if not interactive:
-        once(texts, s.seed, s.output)
-        if novel:
-            print(f'novelty: {novel.total}', file=sys.stderr)
-        return
-    n = 0
-    while True:
-        try:
-            line = input('Model prompt >>> ')
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not line.strip():
-            print('Prompt should not be empty!', file=sys.stderr)
-            continue
-        once([prompts.unescape(line)], s.seed + n, None)
-        n += 1
+    session.run(settings.SampleSettings(**flags), interactive=interactive,
+                novel_against=novel_against, novel_mode=novel_mode, ngram=ngram)
 
 
 def score(*, file=None, text=None, tokens=False, **flags):
@@ -144,27 +66,7 @@ def score(*, file=None, text=None, tokens=False, **flags):
     The first token is conditioned on <|endoftext|>; long texts are read in windows overlapping by
     half of n_ctx. Weights: --model_name, --run_name or --checkpoint and --dtype as for sampling.
     """
-    s = settings.SampleSettings(**flags)
-    if (file is None) == (text is None):
-        raise UserError('give one of --file or --text to score')
-    if file is not None:
-        if not os.path.isfile(file):
-            raise UserError(f'file to score {file} does not exist')
-        with open(file, encoding='utf-8', errors='replace') as f:
-            text = f.read()
-    text = str(text)
-    params, hparams, prefix, enc = _load(s)
-    ids = enc.encode(text)
-    if not ids:
-        raise UserError('the text to score is empty')
-    lp = scoring.score(hparams, fast.for_decoding(params, s.dtype), ids,
-                       context_token=sampling.start_token(hparams))
-    if tokens:
-        for t, v in zip(ids, lp):
-            print(f'{v:10.4f}\t{enc.decode([t])!r}')
-    m = scoring.summary(lp, len(text.encode('utf-8')))
-    print(f'checkpoint {prefix}: {m["tokens"]} tokens, loss {m["loss"]:.4f} nats/token, '
-          f'perplexity {m["perplexity"]:.3f}, {m["bits_per_byte"]:.4f} bits/byte')
+    scoring.run(settings.SampleSettings(**flags), file=file, text=text, tokens=tokens)
 
 
 def palimpsest(*, schedule=None, cycle=None, steps=None, every=None, blend=None, cache='keep',
@@ -193,60 +95,32 @@ def palimpsest(*, schedule=None, cycle=None, steps=None, every=None, blend=None,
     Prompts, controls (--nsamples ... --stop), --include_prompt, --quiet, --xla and --dtype: as
     for plain sampling, see `sample.py --help`.
     """
-    s = settings.SampleSettings(**flags)
-    texts = prompts.read(s.prompt, s.prompt_file)
-    run_dir = os.path.join(s.checkpoint_dir, str(s.run_name)) if s.run_name is not None else None
-    if run_dir is not None and not os.path.isdir(run_dir):
-        raise UserError(f'no run folder {run_dir} (from --run_name {s.run_name} under '
-                        f'--checkpoint_dir {s.checkpoint_dir})')
-    plan = palimpsest_lib.plan_from_flags(schedule=schedule, cycle=cycle, steps=steps,
-                                          every=every, blend=blend, run_dir=run_dir,
-                                          length=s.length)
-    if plan.note and not s.quiet:
-        print(f'note: {plan.note}', file=sys.stderr)
-    prefixes = plan.prefixes
-    hparams = palimpsest_lib.check_same_hparams(prefixes)
-    store = palimpsest_lib.Store(hparams, budget_mb, s.dtype)
-    if plan.blend:
-        need = len(plan.blend) * store.copy_bytes()
-        if need > store.budget:
-            raise UserError(f'--blend needs all {len(plan.blend)} checkpoints in memory at once '
-                            f'({need >> 20} MB in {s.dtype}), more than --budget_mb {budget_mb}; '
-                            'raise it, or take a narrower --dtype')
-    enc = _encoder(prefixes[0])
-    stop_ids, stop_strings = prompts.stops(s.stop, enc)
-    s = sampling.seeded(s)
-    rows, shown = prompts.rows(texts, enc, hparams, s.nsamples)
-    update, close = sampling.progress_bar(len(rows) * s.length, s.quiet)
-    try:
-        res = palimpsest_lib.sample(
-            hparams, plan.turns, store, s, prompts=rows, cache=cache, blend=plan.blend,
-            stop_ids=stop_ids, stop_strings=stop_strings, decode_text=enc.decode,
-            jit_compile=s.xla, progress=update)
-    finally:
-        close()
-    base = palimpsest_lib.output_name(f'palimpsest-{cache}', plan.description, seed=s.seed,
-                                      temperature=s.temperature)
-    path = s.output or os.path.join(s.samples_dir, base + '.txt')
-    chunks, records = [], []
-    for i, (toks, text, stretches) in enumerate(zip(res['tokens'], res['texts'],
-                                                    res['stretches'])):
-        if annotate:
-            text, rec = palimpsest_lib.annotate(toks, stretches, enc.decode, text=text)
-            # 'spans': the record's key for the stretches since its first version
-            records.append({'sample': i + 1, 'prompt': shown[i], 'spans': rec})
-        body = (shown[i] + text) if s.include_prompt else text
-        chunks.append(body)
-        _show(i, body, s.quiet)
-    meta = {'plan': plan.description, 'cache': cache, 'dtype': s.dtype, 'seed': s.seed,
-            'temperature': s.temperature,
-            'top_k': s.top_k, 'top_p': s.top_p, 'repetition_penalty': s.repetition_penalty,
-            'length': s.length, 'written': datetime.datetime.now().isoformat(timespec='seconds'),
-            'checkpoints': prefixes}
-    if annotate:
-        meta['samples'] = records
-    json_path = palimpsest_lib.write(path, chunks, meta)
-    print(f'wrote {path} and {json_path} (seed {s.seed})', file=sys.stderr)
+    palimpsest_lib.run(settings.SampleSettings(**flags), schedule=schedule, cycle=cycle,
+                       steps=steps, every=every, blend=blend, cache=cache, annotated=annotate,
+                       budget_mb=budget_mb)
+
+
+def novelty(corpus, samples, **flags):
+    """Drop or mark the lines of a samples file that are copied from the training corpus.
+
+    A line is copied when, after collapsing whitespace and ignoring case, it is a line of the
+    corpus, or when it shares a run of --ngram GPT-2 tokens with the corpus. Prints on stderr the
+    share of lines copied and the share of generated n-grams found in the corpus (a memorisation
+    rate: compare it across checkpoints to pick one that writes rather than recites).
+
+    Args:
+        corpus: training text: files, folders or globs (comma-separated on the command line);
+            .txt or .npz token files from encode.py.
+        samples: a file written by sample.py (samples separated by lines of '=' * 40, kept as is).
+        mode: drop (remove copied lines) or mark (prefix them with '[copied] ').
+        ngram: length in tokens of a shared run that makes a line copied (about 0.75 words a token).
+        output: where to write the filtered samples (written atomically); default stdout.
+        delimiter: lines starting with this separate samples; never checked, always kept.
+
+    It returns the report as a dict: ngram, lines, copied_lines, line_share, ngrams,
+    copied_ngrams, ngram_share (shares are None when nothing was counted).
+    """
+    return novelty_lib.run(corpus, samples, **flags)
 
 
 def atlas(*, steps='all', temperatures=atlas_lib.DEFAULT_TEMPERATURES,
@@ -284,26 +158,25 @@ def atlas(*, steps='all', temperatures=atlas_lib.DEFAULT_TEMPERATURES,
         xla: compile the decode loop with XLA.
         quiet: no progress bar.
     """
-    atlas_lib.run(settings.SampleSettings(nsamples=nsamples, **flags),
-                  steps=steps, temperatures=temperatures, corpus=corpus, ngram=ngram, every=every,
+    atlas_lib.run(settings.SampleSettings(nsamples=nsamples, **flags), steps=steps,
+                  temperatures=temperatures, corpus=corpus, ngram=ngram, every=every,
                   batch_size=batch_size)
 
 
-# The flags each entry takes from SampleSettings, with its defaults (written once there);
-# fire reads these signatures for parsing and --help.
+# What fire parses and --help lists: each entry's own flags and those it takes from
+# SampleSettings (novelty's are novelty.run's), each default written once there.
 sample.__signature__ = settings.SampleSettings.signature(sample, omit=('samples_dir',))
 score.__signature__ = settings.SampleSettings.signature(
     score, only=('model_name', 'run_name', 'checkpoint', 'models_dir', 'checkpoint_dir', 'dtype'))
 palimpsest.__signature__ = settings.SampleSettings.signature(
     palimpsest, omit=('model_name', 'checkpoint', 'models_dir'))
+novelty.__signature__ = inspect.signature(novelty_lib.run)
 atlas.__signature__ = settings.SampleSettings.signature(
     atlas, only=('prompt', 'prompt_file', 'run_name', 'checkpoint_dir', 'length', 'top_k', 'top_p',
                  'seed', 'output', 'samples_dir', 'quiet', 'xla', 'dtype'))
 
-
 # Subcommands beside the default sampling.
-COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty_lib.run,
-            'atlas': atlas}
+COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty, 'atlas': atlas}
 
 
 def entry(argv=None):

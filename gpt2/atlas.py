@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import tqdm
 
-import encoder as encoder_lib
 from gpt2 import atlas_page
 from gpt2 import checkpoint
 from gpt2 import dataset
@@ -23,6 +22,7 @@ from gpt2 import prompts as prompts_lib
 from gpt2 import runlog
 from gpt2 import runs
 from gpt2 import sampling
+from gpt2 import source
 from gpt2.errors import UserError
 
 DEFAULT_TEMPERATURES = (0.7, 1.0, 1.3)
@@ -169,7 +169,7 @@ def build(run_dir, prefixes, s, *, temperatures, texts, corpus, ngram, every, ba
     (with a seed), whose temperature the cells replace; `batch_size` None: every row of a cell
     at once. Returns the Atlas."""
     hp = palimpsest.check_same_hparams(prefixes)
-    enc = encoder_lib.get_encoder(os.path.dirname(prefixes[0]))
+    enc = source.encoder(prefixes[0])
     # prompts.rows gives each of several prompts one row; the grid wants nsamples of each.
     per = None if texts is None else [t for t in texts for _ in range(s.nsamples)]
     rows, shown = prompts_lib.rows(per, enc, hp, s.nsamples if texts is None else 1)
@@ -231,10 +231,7 @@ def run(s, *, steps, temperatures, corpus, ngram, every, batch_size):
     if every is not None:
         errors.check_whole('every', every, at_least=1, note='tokens per checkpoint')
     texts = prompts_lib.read(s.prompt, s.prompt_file)
-    run_dir = os.path.join(str(s.checkpoint_dir), str(s.run_name))
-    if not os.path.isdir(run_dir):
-        raise UserError(f'no run folder {run_dir} (from --run_name {s.run_name} under '
-                        f'--checkpoint_dir {s.checkpoint_dir})')
+    run_dir = source.run_folder(s)
     prefixes = choose(run_dir, steps)
     out = str(s.output) if s.output is not None else os.path.join(
         str(s.samples_dir), str(s.run_name), FILENAME)

@@ -247,25 +247,9 @@ class Filter:
 
 def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
         delimiter=samples_file.SAMPLE_DELIMITER):
-    """Drop or mark the lines of a samples file that are copied from the training corpus.
-
-    A line is copied when, after collapsing whitespace and ignoring case, it is a line of the
-    corpus, or when it shares a run of --ngram GPT-2 tokens with the corpus. Prints on stderr the
-    share of lines copied and the share of generated n-grams found in the corpus (a memorisation
-    rate: compare it across checkpoints to pick one that writes rather than recites).
-
-    Args:
-        corpus: training text: files, folders or globs (comma-separated on the command line);
-            .txt or .npz token files from encode.py.
-        samples: a file written by sample.py (samples separated by lines of '=' * 40, kept as is).
-        mode: drop (remove copied lines) or mark (prefix them with '[copied] ').
-        ngram: length in tokens of a shared run that makes a line copied (about 0.75 words a token).
-        output: where to write the filtered samples (written atomically); default stdout.
-        delimiter: lines starting with this separate samples; never checked, always kept.
-
-    It returns the report as a dict: ngram, lines, copied_lines, line_share, ngrams,
-    copied_ngrams, ngram_share (shares are None when nothing was counted).
-    """
+    """sample.py novelty (its --help says what each flag means): the samples file `samples`
+    with the lines copied from `corpus` dropped or marked, to `output` or stdout; the rates go to
+    stderr. Returns the Report as a dict (shares None when nothing was counted)."""
     _check_ngram(ngram), _check_mode(mode)  # before the index build, which takes a while
     if output is not None and not isinstance(output, (str, os.PathLike)):
         raise UserError(f'--output needs a file name, got {output!r}; e.g. --output '

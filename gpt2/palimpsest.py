@@ -1,21 +1,23 @@
 """The palimpsest sampler: one text written by checkpoints from several moments of training.
 
 Owns the plans (schedule, cycle, walk through a run, blend), naming and loading the checkpoints
-lazily within a memory budget, and the annotation of who wrote which stretch of the text. The
-decoding itself is gpt2/sampling.py's compiled loop, given another parameter tree at each turn (a
-sampling.Span: no retrace).
+lazily within a memory budget, the annotation of who wrote which stretch of the text, and
+sample.py palimpsest's output and JSON record. The decoding itself is gpt2/sampling.py's compiled
+loop, given another parameter tree at each turn (a sampling.Span: no retrace).
 """
 import collections
+import datetime
 import hashlib
 import json
 import os
 import re
+import sys
 from typing import NamedTuple
 
 import tensorflow as tf
 
-from gpt2 import checkpoint, fast, model, paths, precision, samples_file, sampling
-from gpt2 import errors
+from gpt2 import checkpoint, fast, model, paths, precision, prompts, samples_file, sampling
+from gpt2 import errors, source
 from gpt2.errors import UserError
 
 DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
@@ -284,3 +286,62 @@ def write(path, texts, meta):
     json_path = os.path.splitext(path)[0] + '.json'
     paths.write_text(json_path, json.dumps(meta, indent=2, ensure_ascii=False) + '\n')
     return json_path
+
+
+# ---- sample.py palimpsest ----
+
+def run(s, *, schedule, cycle, steps, every, blend, cache, annotated, budget_mb):
+    """sample.py palimpsest (its --help says what each flag means; `annotated` is --annotate):
+    the plan the flags give, sampled as settings.SampleSettings `s` say, printed, and written to
+    --output or a name in --samples_dir that records the plan, with its JSON record beside it."""
+    texts = prompts.read(s.prompt, s.prompt_file)
+    plan = plan_from_flags(schedule=schedule, cycle=cycle, steps=steps, every=every, blend=blend,
+                           run_dir=source.run_folder(s), length=s.length)
+    if plan.note and not s.quiet:
+        print(f'note: {plan.note}', file=sys.stderr)
+    hparams = check_same_hparams(plan.prefixes)
+    store = Store(hparams, budget_mb, s.dtype)
+    if plan.blend:
+        need = len(plan.blend) * store.copy_bytes()
+        if need > store.budget:
+            raise UserError(f'--blend needs all {len(plan.blend)} checkpoints in memory at once '
+                            f'({need >> 20} MB in {s.dtype}), more than --budget_mb {budget_mb}; '
+                            'raise it, or take a narrower --dtype')
+    enc = source.encoder(plan.prefixes[0])
+    stop_ids, stop_strings = prompts.stops(s.stop, enc)
+    s = sampling.seeded(s)
+    rows, shown = prompts.rows(texts, enc, hparams, s.nsamples)
+    update, close = sampling.progress_bar(len(rows) * s.length, s.quiet)
+    try:
+        res = sample(hparams, plan.turns, store, s, prompts=rows, cache=cache, blend=plan.blend,
+                     stop_ids=stop_ids, stop_strings=stop_strings, decode_text=enc.decode,
+                     jit_compile=s.xla, progress=update)
+    finally:
+        close()
+    bodies, records = [], []
+    for i, (toks, text, stretches) in enumerate(zip(res['tokens'], res['texts'],
+                                                    res['stretches'])):
+        if annotated:
+            text, rec = annotate(toks, stretches, enc.decode, text=text)
+            # 'spans': the record's key for the stretches since its first version
+            records.append({'sample': i + 1, 'prompt': shown[i], 'spans': rec})
+        bodies.append((shown[i] + text) if s.include_prompt else text)
+    samples_file.print_samples(bodies, quiet=s.quiet)
+    _write_run(s, plan, cache, bodies, records if annotated else None)
+
+
+def _write_run(s, plan, cache, bodies, records):
+    # The samples file and its JSON record: what regenerates the text (and, annotated, who wrote
+    # which stretch of each sample).
+    name = output_name(f'palimpsest-{cache}', plan.description, seed=s.seed,
+                       temperature=s.temperature)
+    path = s.output or os.path.join(s.samples_dir, name + '.txt')
+    meta = {'plan': plan.description, 'cache': cache, 'dtype': s.dtype, 'seed': s.seed,
+            'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
+            'repetition_penalty': s.repetition_penalty, 'length': s.length,
+            'written': datetime.datetime.now().isoformat(timespec='seconds'),
+            'checkpoints': plan.prefixes}
+    if records is not None:
+        meta['samples'] = records
+    json_path = write(path, bodies, meta)
+    print(f'wrote {path} and {json_path} (seed {s.seed})', file=sys.stderr)

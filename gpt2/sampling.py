@@ -312,10 +312,9 @@ def new_seed():
     return int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
 
 
-def seeded(settings):
-    """The settings (settings.SampleSettings) with a seed: theirs, or a fresh one."""
-    seed = new_seed() if settings.seed is None else int(settings.seed)
-    return dataclasses.replace(settings, seed=seed)
+def seeded(s):
+    """settings.SampleSettings `s` with a seed: theirs, or a fresh one."""
+    return dataclasses.replace(s, seed=new_seed() if s.seed is None else int(s.seed))
 
 
 def seed_pair(seed):
@@ -326,6 +325,7 @@ def seed_pair(seed):
 
 def make_controls(hparams, *, temperature, top_p, repetition_penalty, seed, stop_ids=(),
                   weights=(1.0,)):
+    """The compiled loop's `controls` (see make_decoder): these values as tensors."""
     stop_mask = np.zeros([hparams.n_vocab], bool)
     for t in stop_ids:
         stop_mask[t] = True
