@@ -24,7 +24,6 @@ IN_CI = os.environ.get('CI', '').lower() == 'true'
 
 # GPT-2's vocabulary (so sample.py's encoder applies) in a model small enough for many runs.
 VOCAB_HP = hparams_lib.HParams(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
-NN, END = 628, 10619          # GPT-2's ids of '\n\n' and 'END'
 
 
 def sharp(hp, seed, scale=4.0):
@@ -388,23 +387,20 @@ def test_top_p_is_not_openais_inclusive_rule():
     assert ours.tolist() == hf
 
 
-# ---- 4. sample.py: interactive through a pipe, --stop lists, --prompt_file, printed seeds ----
+# ---- 4. sample.py: interactive through a pipe, printed seeds (--stop and --prompt_file: in
+# tests/test_prompts.py) ----
+
+def save_toy(folder):
+    """folder/toy: sharp random weights with GPT-2's vocabulary, saved like a downloaded model."""
+    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(folder / 'toy' / 'model.ckpt'),
+                           hparams=VOCAB_HP)
+    return folder
+
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
-    """models/toy: sharp random weights with GPT-2's vocabulary. models/prone: a model that
-    ignores its context and writes '\\n\\n' and 'END' each with probability ~0.08 per token
-    (ln_f's gain is 0, so every position's logits are ln_f's bias times wte)."""
-    d = tmp_path_factory.mktemp('models')
-    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(d / 'toy' / 'model.ckpt'),
-                           hparams=VOCAB_HP)
-    tree = model.init_params(VOCAB_HP, seed=1)
-    e = np.zeros(VOCAB_HP.n_embd, np.float32)
-    e[0] = 1.0
-    tree['ln_f'] = {'g': np.zeros_like(e), 'b': 0.847 * e}
-    tree['wte'][[NN, END]] += 10.0 * e
-    checkpoint.save_params(tree, str(d / 'prone' / 'model.ckpt'), hparams=VOCAB_HP)
-    return d
+    """models/toy (save_toy)."""
+    return save_toy(tmp_path_factory.mktemp('models'))
 
 
 def samples_of(out):
@@ -415,7 +411,8 @@ def samples_of(out):
     return [p[:-1] for p in parts[1:]]
 
 
-def _sample(models, name, argv, capsys, monkeypatch):
+def sampled(models, name, argv, capsys, monkeypatch):
+    """(stdout, stderr) of sample.py, exiting 0, with models/NAME and `argv`."""
     code, out, err = run_sample_py(['--models_dir', str(models), '--model_name', name,
                                     '--xla', 'False', *argv], capsys, monkeypatch)
     assert code == 0, err
@@ -445,65 +442,8 @@ def test_cli_interactive_answers_each_prompt_through_a_pipe(models, capsys, monk
     assert len(answers) == 2 and asked[2] == asked[3] == ''
     assert proc.stderr.count('Prompt should not be empty!') == 2
     for prompt, answer in zip(prompts, answers):
-        alone, _ = _sample(models, 'toy', ['--prompt', prompt, *argv], capsys, monkeypatch)
+        alone, _ = sampled(models, 'toy', ['--prompt', prompt, *argv], capsys, monkeypatch)
         assert answer == alone
-
-
-def test_cli_stop_json_list_stops_at_whichever_comes_first(models, capsys, monkeypatch):
-    """--stop '["\\n\\n", "END"]' (as typed in a shell): each sample ends where it first writes
-    either, without it; --stop '\\n\\n' alone at the first '\\n\\n'. Expected texts are the same
-    seeded samples run without --stop, cut by str.find.
-
-    Caught (gpt2.prompts.stops): the list taken as one string (never found: nothing stops);
-    only its first entry used."""
-    argv = ['--length', '30', '--seed', '5', '--nsamples', '8', '--batch_size', '8']
-    free = samples_of(_sample(models, 'prone', argv, capsys, monkeypatch)[0])
-    both = samples_of(_sample(models, 'prone', argv + ['--stop', '["\\n\\n", "END"]'], capsys,
-                              monkeypatch)[0])
-    one = samples_of(_sample(models, 'prone', argv + ['--stop', '\\n\\n'], capsys,
-                             monkeypatch)[0])
-    assert len(free) == len(both) == len(one) == 8
-
-    def cut(text, stops):
-        hits = [text.find(s) for s in stops if s in text]
-        return text[:min(hits)] if hits else text
-    for t, b, o in zip(free, both, one):
-        assert b == cut(t, ['\n\n', 'END']), (t, b)
-        assert o == cut(t, ['\n\n']), (t, o)
-    first = [min((t.find(s), s) for s in ('\n\n', 'END') if s in t)[1] for t in free
-             if '\n\n' in t or 'END' in t]
-    # Both entries do the stopping somewhere, so neither alone explains the texts.
-    assert first.count('\n\n') >= 2 and first.count('END') >= 2, first
-
-
-def test_cli_prompt_file_blocks_or_lines(models, tmp_path, capsys, monkeypatch):
-    """--prompt_file: one prompt per blank-line separated block when the file has a blank line
-    (a line of spaces counts), else one per line; each sample is what --prompt gives for its
-    prompt alone (greedy, --include_prompt).
-
-    Caught (gpt2.prompts.read): always one prompt per line; always blocks (a file
-    without blank lines would be one prompt); a line of spaces not taken as blank (the bug
-    this test found)."""
-    argv = ['--length', '4', '--temperature', '0', '--include_prompt']
-    files = {
-        'blocks.txt': ('The night was\ndark and cold\n\nOnce upon a time\n\n\nIn the beginning\n',
-                       ['The night was\ndark and cold', 'Once upon a time', 'In the beginning']),
-        'lines.txt': ('The night was\ndark and cold\nOnce upon a time\n',
-                      ['The night was', 'dark and cold', 'Once upon a time']),
-        'spaces.txt': ('The night was\ndark and cold\n  \nOnce upon a time\n',
-                       ['The night was\ndark and cold', 'Once upon a time']),
-    }
-    alone = {}
-    for name, (text, prompts) in files.items():
-        (tmp_path / name).write_text(text, encoding='utf-8')
-        got = samples_of(_sample(models, 'toy', ['--prompt_file', str(tmp_path / name), *argv],
-                                 capsys, monkeypatch)[0])
-        for p in prompts:
-            if p not in alone:
-                alone[p] = samples_of(_sample(models, 'toy', ['--prompt', p.replace('\n', '\\n'),
-                                                              *argv], capsys, monkeypatch)[0])
-        assert got == [s for p in prompts for s in alone[p]], name
-        assert all(s.startswith(p) for s, p in zip(got, prompts))
 
 
 def test_cli_drawn_seed_is_printed_and_reproduces(models, capsys, monkeypatch):
@@ -513,11 +453,11 @@ def test_cli_drawn_seed_is_printed_and_reproduces(models, capsys, monkeypatch):
     Caught: the printed seed not the one used (seed + 1 printed); a fixed seed instead of a
     drawn one."""
     argv = ['--length', '10', '--nsamples', '2', '--prompt', 'Hello']
-    out, err = _sample(models, 'toy', argv, capsys, monkeypatch)
+    out, err = sampled(models, 'toy', argv, capsys, monkeypatch)
     seed = int(re.search(r'seed (\d+)', err).group(1))
-    again, err2 = _sample(models, 'toy', argv + ['--seed', str(seed)], capsys, monkeypatch)
+    again, err2 = sampled(models, 'toy', argv + ['--seed', str(seed)], capsys, monkeypatch)
     assert again == out and f'seed {seed}' in err2
-    _, err3 = _sample(models, 'toy', argv, capsys, monkeypatch)
+    _, err3 = sampled(models, 'toy', argv, capsys, monkeypatch)
     assert int(re.search(r'seed (\d+)', err3).group(1)) != seed
 
 
