@@ -114,9 +114,9 @@ def _documents(path, enc):
 
 class Index:
     """Hashes of a corpus's normalised lines and of its `ngram`-token n-grams, as sorted uint64
-    arrays: 8 bytes a distinct n-gram, so a 10 MB corpus (~2.5M tokens) holds at most ~20 MB
-    (BENCHMARKS.md). `paths`: files, folders, globs (a list, or one comma-separated
-    string); text files, and .npz token files decoded with `enc`.
+    arrays: 8 bytes a distinct n-gram (BENCHMARKS.md has a 10 MB corpus's figures). `paths`:
+    files, folders, globs (a list, or one comma-separated string); text files, and .npz token
+    files decoded with `enc`.
     """
 
     def __init__(self, paths, *, ngram=DEFAULT_NGRAM, enc=None):
