@@ -321,3 +321,31 @@ def test_cli_score(model_dir, capsys, monkeypatch):
                          'and more words to pass the context window of thirty two tokens'],
                         capsys, monkeypatch)
     assert code == 0 and 'perplexity' in out
+
+
+def test_cli_subcommands_take_the_flags_they_always_took():
+    """fire parses each entry's signature: its own flags and the SampleSettings fields it takes,
+    with their defaults (the atlas's nsamples and batch_size its own)."""
+    import inspect
+
+    import sample
+    shared = ['prompt', 'prompt_file', 'nsamples', 'batch_size', 'length', 'temperature', 'top_k',
+              'top_p', 'repetition_penalty', 'seed', 'stop', 'include_prompt', 'output', 'quiet',
+              'xla', 'dtype']
+    source = ['model_name', 'run_name', 'checkpoint', 'models_dir', 'checkpoint_dir']
+    want = {
+        'sample': shared + source + ['interactive', 'novel_against', 'novel_mode', 'ngram'],
+        'score': source + ['file', 'text', 'tokens', 'dtype'],
+        'palimpsest': shared + ['run_name', 'checkpoint_dir', 'samples_dir', 'schedule', 'cycle',
+                                'steps', 'every', 'blend', 'cache', 'annotate', 'budget_mb'],
+        'novelty': ['corpus', 'samples', 'mode', 'ngram', 'output', 'delimiter'],
+        'atlas': ['run_name', 'steps', 'temperatures', 'prompt', 'prompt_file', 'nsamples',
+                  'length', 'seed', 'corpus', 'output', 'checkpoint_dir', 'samples_dir', 'top_k',
+                  'top_p', 'ngram', 'every', 'batch_size', 'dtype', 'xla', 'quiet']}
+    entries = dict(sample.COMMANDS, sample=sample.sample)
+    for name, flags in want.items():
+        got = inspect.signature(entries[name]).parameters
+        assert sorted(got) == sorted(flags), name
+    atlas = inspect.signature(sample.atlas).parameters
+    assert (atlas['nsamples'].default, atlas['batch_size'].default) == (2, None)
+    assert inspect.signature(sample.sample).parameters['length'].default == 100
