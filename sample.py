@@ -1,75 +1,19 @@
 #!/usr/bin/env python3
 """Sample from GPT-2: unconditional, prompted, interactive; score a text; the palimpsest sampler;
-the atlas of a run."""
-import datetime
-import os
+the novelty filter; the atlas of a run. Each is a fire entry over the library."""
+import inspect
 import sys
 
-from gpt2 import cli
+from gpt2 import cli, quiet
 
-cli.quiet_tensorflow()
+quiet.import_tensorflow()
 
-from gpt2 import atlas as atlas_lib  # noqa: E402
-from gpt2 import checkpoint, novelty as novelty_lib, palimpsest as palimpsest_lib  # noqa: E402
-from gpt2 import fast, paths, precision, prompts, sampling, scoring  # noqa: E402
-from gpt2.errors import UserError  # noqa: E402
-
-MODELS_DIR, CHECKPOINT_DIR, SAMPLES_DIR = paths.MODELS_DIR, paths.CHECKPOINT_DIR, paths.SAMPLES_DIR
-DELIMITER = novelty_lib.SAMPLE_HEADER
+from gpt2 import atlas as atlas_lib, novelty as novelty_lib  # noqa: E402
+from gpt2 import palimpsest as palimpsest_lib, scoring, session, settings  # noqa: E402
 
 
-# ---- shared pieces of the subcommands ----
-
-def _load_source(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir):
-    """The path that --model_name, --run_name or --checkpoint names (124M by default)."""
-    given = [x for x in (model_name, run_name, checkpoint_path) if x is not None]
-    if len(given) > 1:
-        raise UserError('give one of --model_name, --run_name or --checkpoint, not several')
-    if checkpoint_path is not None:
-        return str(checkpoint_path)
-    if run_name is not None:
-        return os.path.join(checkpoint_dir, str(run_name))
-    return paths.model_dir('124M' if model_name is None else model_name, models_dir)
-
-
-def _encoder(prefix):
-    import encoder
-    return encoder.get_encoder(os.path.dirname(prefix) or '.')
-
-
-def _load(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir):
-    path = _load_source(model_name, run_name, checkpoint_path, models_dir, checkpoint_dir)
-    params, hparams, prefix = checkpoint.load_params(path)
-    return params, hparams, prefix, _encoder(prefix)
-
-
-def _progress(total, quiet):
-    if quiet or total < 200:
-        return None, lambda: None
-    import tqdm
-    bar = tqdm.tqdm(total=total, unit='tok', file=sys.stderr, leave=False)
-    return bar.update, bar.close
-
-
-def _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, batch_size):
-    sampling.check_controls(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, nsamples=nsamples,
-                            batch_size=batch_size)
-
-
-def _show(i, body, quiet):
-    if not quiet:
-        print(DELIMITER.format(i + 1))
-    print(body)
-
-
-def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, run_name=None,
-           checkpoint=None, models_dir=MODELS_DIR, checkpoint_dir=CHECKPOINT_DIR,
-           nsamples=1, batch_size=1, length=sampling.DEFAULT_LENGTH,
-           temperature=sampling.DEFAULT_TEMPERATURE, top_k=sampling.DEFAULT_TOP_K,
-           top_p=sampling.DEFAULT_TOP_P, repetition_penalty=sampling.DEFAULT_PENALTY, seed=None,
-           stop=None, include_prompt=False, output=None, quiet=False, xla=True, dtype='fp32',
-           novel_against=None, novel_mode='mark', ngram=novelty_lib.DEFAULT_NGRAM):
+def sample(*, interactive=False, novel_against=None, novel_mode='mark',
+           ngram=novelty_lib.DEFAULT_NGRAM, **flags):
     """Generate text. Subcommands: `sample.py score|palimpsest|novelty|atlas --help`.
 
     Args:
@@ -111,101 +55,22 @@ def sample(prompt=None, prompt_file=None, interactive=False, model_name=None, ru
         novel_mode: mark (prefix copied lines with '[copied] ') or drop.
         ngram: tokens in a shared run that make a line copied.
     """
-    _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, batch_size)
-    precision.check_dtype(dtype)
-    texts = prompts.read(prompt, prompt_file)  # bad input fails before the weights load
-    novel = (novelty_lib.Filter(novel_against, mode=novel_mode, ngram=ngram)
-             if novel_against else None)
-    params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
-                                         checkpoint_dir)
-    params = fast.for_decoding(params, dtype)
-    stop_ids, stop_strings = prompts.stops(stop, enc)
-    seed = sampling.new_seed() if seed is None else int(seed)
-    print(f'checkpoint {prefix}, seed {seed}', file=sys.stderr)
-    spans = [(0, (params,), (1.0,))]
-
-    def once(prompt_texts, seed, out_file):
-        rows, shown = prompts.rows(prompt_texts, enc, hparams, nsamples)
-        update, close = _progress(len(rows) * length, quiet)
-        try:
-            res = sampling.run_spans(
-                hparams, spans, prompts=rows, batch_size=batch_size, length=length,
-                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                repetition_penalty=repetition_penalty, stop_ids=stop_ids,
-                stop_strings=stop_strings, decode_text=enc.decode, jit_compile=xla,
-                progress=update)
-        finally:
-            close()
-        chunks = []
-        for i, text in enumerate(res['texts']):
-            body = (shown[i] + text) if include_prompt else text
-            if novel:
-                body, _ = novel.check(body)
-            chunks.append(body)
-            _show(i, body, quiet)
-        if out_file:
-            paths.write_text(out_file, novelty_lib.format_samples(chunks))
-        return chunks
-
-    if not interactive:
-        once(texts, seed, output)
-        if novel:
-            print(f'novelty: {novel.total}', file=sys.stderr)
-        return
-    n = 0
-    while True:
-        try:
-            line = input('Model prompt >>> ')
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not line.strip():
-            print('Prompt should not be empty!', file=sys.stderr)
-            continue
-        once([prompts.unescape(line)], seed + n, None)
-        n += 1
+    session.run(settings.SampleSettings(**flags), interactive=interactive,
+                novel_against=novel_against, novel_mode=novel_mode, ngram=ngram)
 
 
-def score(file=None, text=None, model_name=None, run_name=None, checkpoint=None,
-          models_dir=MODELS_DIR, checkpoint_dir=CHECKPOINT_DIR, tokens=False, dtype='fp32'):
+def score(*, file=None, text=None, tokens=False, **flags):
     """Score a text: mean loss (nats per token), perplexity and bits per byte under a checkpoint.
 
     --file F or --text T (one of them); --tokens also prints each token's log-probability.
     The first token is conditioned on <|endoftext|>; long texts are read in windows overlapping by
     half of n_ctx. Weights: --model_name, --run_name or --checkpoint and --dtype as for sampling.
     """
-    precision.check_dtype(dtype)
-    if (file is None) == (text is None):
-        raise UserError('give one of --file or --text to score')
-    if file is not None:
-        if not os.path.isfile(file):
-            raise UserError(f'file to score {file} does not exist')
-        with open(file, encoding='utf-8', errors='replace') as f:
-            text = f.read()
-    text = str(text)
-    params, hparams, prefix, enc = _load(model_name, run_name, checkpoint, models_dir,
-                                         checkpoint_dir)
-    ids = enc.encode(text)
-    if not ids:
-        raise UserError('the text to score is empty')
-    lp = scoring.score(hparams, fast.for_decoding(params, dtype), ids,
-                       context_token=sampling.start_token(hparams))
-    if tokens:
-        for t, v in zip(ids, lp):
-            print(f'{v:10.4f}\t{enc.decode([t])!r}')
-    s = scoring.summary(lp, len(text.encode('utf-8')))
-    print(f'checkpoint {prefix}: {s["tokens"]} tokens, loss {s["loss"]:.4f} nats/token, '
-          f'perplexity {s["perplexity"]:.3f}, {s["bits_per_byte"]:.4f} bits/byte')
+    scoring.run(settings.SampleSettings(**flags), file=file, text=text, tokens=tokens)
 
 
-def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, cache='keep',
-               annotate=False, prompt=None, prompt_file=None, run_name=None,
-               checkpoint_dir=CHECKPOINT_DIR, nsamples=1, batch_size=1,
-               length=sampling.DEFAULT_LENGTH, temperature=sampling.DEFAULT_TEMPERATURE,
-               top_k=sampling.DEFAULT_TOP_K, top_p=sampling.DEFAULT_TOP_P,
-               repetition_penalty=sampling.DEFAULT_PENALTY, seed=None, stop=None,
-               include_prompt=False, output=None, samples_dir=SAMPLES_DIR,
-               budget_mb=palimpsest_lib.DEFAULT_BUDGET_MB, quiet=False, xla=True, dtype='fp32'):
+def palimpsest(*, schedule=None, cycle=None, steps=None, every=None, blend=None, cache='keep',
+               annotate=False, budget_mb=palimpsest_lib.DEFAULT_BUDGET_MB, **flags):
     """One text written by checkpoints from several moments of training.
 
     Plans (one of):
@@ -230,65 +95,90 @@ def palimpsest(schedule=None, cycle=None, steps=None, every=None, blend=None, ca
     Prompts, controls (--nsamples ... --stop), --include_prompt, --quiet, --xla and --dtype: as
     for plain sampling, see `sample.py --help`.
     """
-    _controls(length, temperature, top_k, top_p, repetition_penalty, nsamples, batch_size)
-    precision.check_dtype(dtype)
-    texts = prompts.read(prompt, prompt_file)
-    run_dir = os.path.join(checkpoint_dir, str(run_name)) if run_name is not None else None
-    if run_dir is not None and not os.path.isdir(run_dir):
-        raise UserError(f'no run folder {run_dir} (from --run_name {run_name} under '
-                        f'--checkpoint_dir {checkpoint_dir})')
-    plan = palimpsest_lib.plan_from_flags(schedule=schedule, cycle=cycle, steps=steps,
-                                          every=every, blend=blend, run_dir=run_dir,
-                                          length=length)
-    if plan.note and not quiet:
-        print(f'note: {plan.note}', file=sys.stderr)
-    prefixes = plan.prefixes
-    hparams = palimpsest_lib.check_same_hparams(prefixes)
-    store = palimpsest_lib.Store(hparams, budget_mb, dtype)
-    if plan.blend:
-        need = len(plan.blend) * store.copy_bytes()
-        if need > store.budget:
-            raise UserError(f'--blend needs all {len(plan.blend)} checkpoints in memory at once '
-                            f'({need >> 20} MB in {dtype}), more than --budget_mb {budget_mb}; '
-                            'raise it, or take a narrower --dtype')
-    enc = _encoder(prefixes[0])
-    stop_ids, stop_strings = prompts.stops(stop, enc)
-    seed = sampling.new_seed() if seed is None else int(seed)
-    rows, shown = prompts.rows(texts, enc, hparams, nsamples)
-    update, close = _progress(len(rows) * length, quiet)
-    try:
-        res = palimpsest_lib.run(
-            hparams, plan.spans, store, prompts=rows, batch_size=batch_size, length=length,
-            cache=cache, blend=plan.blend, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, repetition_penalty=repetition_penalty, stop_ids=stop_ids,
-            stop_strings=stop_strings, decode_text=enc.decode, jit_compile=xla, progress=update)
-    finally:
-        close()
-    base = palimpsest_lib.output_name(f'palimpsest-{cache}', plan.description, seed=seed,
-                                      temperature=temperature)
-    path = output or os.path.join(samples_dir, base + '.txt')
-    chunks, records = [], []
-    for i, (toks, text, spans) in enumerate(zip(res['tokens'], res['texts'], res['spans'])):
-        if annotate:
-            text, rec = palimpsest_lib.annotate(toks, spans, enc.decode, text=text)
-            records.append({'sample': i + 1, 'prompt': shown[i], 'spans': rec})
-        body = (shown[i] + text) if include_prompt else text
-        chunks.append(body)
-        _show(i, body, quiet)
-    meta = {'plan': plan.description, 'cache': cache, 'dtype': dtype, 'seed': seed,
-            'temperature': temperature,
-            'top_k': top_k, 'top_p': top_p, 'repetition_penalty': repetition_penalty,
-            'length': length, 'written': datetime.datetime.now().isoformat(timespec='seconds'),
-            'checkpoints': prefixes}
-    if annotate:
-        meta['samples'] = records
-    json_path = palimpsest_lib.write(path, chunks, meta)
-    print(f'wrote {path} and {json_path} (seed {seed})', file=sys.stderr)
+    palimpsest_lib.run(settings.SampleSettings(**flags), schedule=schedule, cycle=cycle,
+                       steps=steps, every=every, blend=blend, cache=cache, annotated=annotate,
+                       budget_mb=budget_mb)
 
+
+def novelty(corpus, samples, **flags):
+    """Drop or mark the lines of a samples file that are copied from the training corpus.
+
+    A line is copied when, after collapsing whitespace and ignoring case, it is a line of the
+    corpus, or when it shares a run of --ngram GPT-2 tokens with the corpus. Prints on stderr the
+    share of lines copied and the share of generated n-grams found in the corpus (a memorisation
+    rate: compare it across checkpoints to pick one that writes rather than recites).
+
+    Args:
+        corpus: training text: files, folders or globs (comma-separated on the command line);
+            .txt or .npz token files from encode.py.
+        samples: a file written by sample.py (samples separated by lines of '=' * 40, kept as is).
+        mode: drop (remove copied lines) or mark (prefix them with '[copied] ').
+        ngram: length in tokens of a shared run that makes a line copied (about 0.75 words a token).
+        output: where to write the filtered samples (written atomically); default stdout.
+        delimiter: lines starting with this separate samples; never checked, always kept.
+
+    It returns the report as a dict: ngram, lines, copied_lines, line_share, ngrams,
+    copied_ngrams, ngram_share (shares are None when nothing was counted).
+    """
+    return novelty_lib.run(corpus, samples, **flags)
+
+
+def atlas(*, steps='all', temperatures=atlas_lib.DEFAULT_TEMPERATURES,
+          nsamples=atlas_lib.DEFAULT_NSAMPLES, corpus=None, ngram=novelty_lib.DEFAULT_NGRAM,
+          every=None, batch_size=None, **flags):
+    """One HTML page of a training run: its loss curve, samples from its checkpoints at several
+    temperatures with the lines copied from the corpus marked, its memorisation curve, and a
+    palimpsest across the checkpoints. Self-contained (inline CSS and SVG, no script), offline;
+    the same flags and seed give the same page, byte for byte.
+
+    Args:
+        run_name: the run: CHECKPOINT_DIR/RUN (its checkpoints, hparams.json and log.jsonl).
+        steps: all (every saved checkpoint), or steps and names, e.g. 60,200 or model-60.
+        temperatures: the grid's columns, comma-separated (0 is greedy); the palimpsest is
+            written at the first.
+        prompt: a prompt (escapes like \\n are read); without one, samples start from
+            <|endoftext|>.
+        prompt_file: a file of prompts, as for plain sampling (sample.py --help).
+        nsamples: samples per prompt in each cell.
+        length: new tokens per sample.
+        seed: the same in every cell, so cells differ only by checkpoint and temperature (printed
+            when not given).
+        corpus: the training text for the copied lines (files, folders, globs, comma-separated);
+            default: the datasets the run's checkpoints record.
+        output: the page (default SAMPLES_DIR/RUN/atlas.html), written atomically.
+        checkpoint_dir: the folder of runs (checkpoint).
+        samples_dir: the folder of samples (samples).
+        top_k: keep the k most likely tokens (0: all).
+        top_p: nucleus filter (1: off), as for plain sampling.
+        ngram: tokens in a shared run that make a line copied (see sample.py novelty --help).
+        every: tokens each checkpoint writes of the palimpsest (default: length / checkpoints,
+            rounded up).
+        batch_size: samples generated at once (default: every prompt and sample of a cell).
+        dtype: the weights' decoding copy: fp32, bf16 or int8 (as for plain sampling).
+        xla: compile the decode loop with XLA.
+        quiet: no progress bar.
+    """
+    atlas_lib.run(settings.SampleSettings(nsamples=nsamples, **flags), steps=steps,
+                  temperatures=temperatures, corpus=corpus, ngram=ngram, every=every,
+                  batch_size=batch_size)
+
+
+# What fire parses and --help lists: each entry's own flags and those it takes from
+# SampleSettings (novelty's are novelty.run's), each default written once there; the first
+# flags by position too, in the order they always had.
+sample = settings.SampleSettings.entry(sample, omit=('samples_dir',),
+                                       lead=('prompt', 'prompt_file'))
+score = settings.SampleSettings.entry(
+    score, only=('model_name', 'run_name', 'checkpoint', 'models_dir', 'checkpoint_dir', 'dtype'))
+palimpsest = settings.SampleSettings.entry(palimpsest, omit=('model_name', 'checkpoint',
+                                                             'models_dir'))
+novelty.__signature__ = inspect.signature(novelty_lib.run)
+atlas = settings.SampleSettings.entry(
+    atlas, only=('prompt', 'prompt_file', 'run_name', 'checkpoint_dir', 'length', 'top_k', 'top_p',
+                 'seed', 'output', 'samples_dir', 'quiet', 'xla', 'dtype'), lead=('run_name',))
 
 # Subcommands beside the default sampling.
-COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty_lib.run,
-            'atlas': atlas_lib.run}
+COMMANDS = {'score': score, 'palimpsest': palimpsest, 'novelty': novelty, 'atlas': atlas}
 
 
 def entry(argv=None):

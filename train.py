@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 or train one from scratch, saving resumable checkpoints in OpenAI's format."""
-from gpt2 import cli
+from gpt2 import cli, quiet
 
-cli.quiet_tensorflow()
+quiet.import_tensorflow()
 
 from gpt2 import settings, training  # noqa: E402
 
@@ -74,7 +74,7 @@ def train(dataset=None, **flags):
 
 # The flags, their defaults and their checks are TrainSettings' fields, written once there; fire
 # reads this signature for parsing and --help.
-train.__signature__ = settings.TrainSettings.signature()
+train.__signature__ = settings.TrainSettings.signature(train)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gpt2 import hparams as hparams_lib  # noqa: E402
-from gpt2 import fast, model, sampling  # noqa: E402
+from gpt2 import fast, model, sampling, settings  # noqa: E402
 
 
 def bandwidth(nbytes=1 << 30, repeats=5):
@@ -46,12 +46,12 @@ def _best(fn, repeats):
 
 def ours(hp, params, prompts, new, *, jit_compile, spans=None, top_k=None, dtype='fp32'):
     """Greedy, or with top_k a draw at temperature 1 from the top_k most likely tokens."""
-    spans = spans or [(0, (fast.for_decoding(params, dtype),), (1.0,))]
+    spans = spans or [sampling.Span.fixed(fast.for_decoding(params, dtype))]
+    s = settings.SampleSettings(batch_size=len(prompts), length=new,
+                                temperature=1.0 if top_k else 0, top_k=top_k or 0, seed=0)
 
     def go():
-        sampling.run_spans(hp, spans, prompts=prompts, batch_size=len(prompts), length=new,
-                           temperature=1.0 if top_k else 0, top_k=top_k or 0, top_p=1.0, seed=0,
-                           jit_compile=jit_compile)
+        sampling.run_spans(hp, spans, s, prompts=prompts, jit_compile=jit_compile)
     return go
 
 
@@ -140,7 +140,7 @@ def main(batches=(1, 8), prompt=16, new=128, repeats=3, swap_every=16, hf=True, 
                                             repeats)
         best_jit = min((rows['ours xla=True'], True), (rows['ours xla=False'], False))[1]
         tensors = fast.for_decoding(params)
-        spans = [(i, ((tensors, other)[(i // swap_every) % 2],), (1.0,))
+        spans = [sampling.Span.fixed((tensors, other)[(i // swap_every) % 2], start=i)
                  for i in range(0, new, swap_every)]
         rows[f'palimpsest keep, swap/{swap_every}'] = _best(
             ours(hp, params, prompts, new, jit_compile=best_jit, spans=spans), repeats)

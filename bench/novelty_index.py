@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import encoder as encoder_lib  # noqa: E402
-from gpt2 import dataset, novelty  # noqa: E402
+from gpt2 import corpus as corpus_lib, novelty  # noqa: E402
 
 SHARED_CORPORA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'shared', 'corpora')
@@ -39,7 +39,7 @@ def _measure(build):
 
 
 def _ten_megabytes(folder):
-    texts = [open(p, encoding='utf-8').read() for p in dataset.expand_paths(SHARED_CORPORA)]
+    texts = [open(p, encoding='utf-8').read() for p in corpus_lib.expand_paths(SHARED_CORPORA)]
     lines = '\n'.join(texts).splitlines()
     path = os.path.join(folder, 'corpus.txt')
     with open(path, 'w', encoding='utf-8') as f:
@@ -58,7 +58,7 @@ def main(corpus=None, ngram=novelty.DEFAULT_NGRAM):
 
 
 def _run(paths, ngram, enc):
-    size = sum(os.path.getsize(p) for p in dataset.expand_paths(paths))
+    size = sum(os.path.getsize(p) for p in corpus_lib.expand_paths(paths))
     index, t_index, held_index, peak_index = _measure(
         lambda: novelty.Index(paths, ngram=ngram, enc=enc))
     print(f'corpus: {size / 1e6:.1f} MB, {index!r}')

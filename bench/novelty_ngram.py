@@ -11,14 +11,14 @@ import sys
 import fire
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt2 import dataset, novelty  # noqa: E402
+from gpt2 import corpus as corpus_lib, novelty  # noqa: E402
 
 SHARED_CORPORA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'shared', 'corpora')
 
 
 def main(ngrams=(4, 6, 8, 10, 12, 16), probes=('meditations.txt', 'plato.txt')):
-    files = dataset.expand_paths(SHARED_CORPORA)
+    files = corpus_lib.expand_paths(SHARED_CORPORA)
     print(f'{"probe":18} {"N":>3} {"copied lines":>22} {"n-grams found":>22}')
     for probe in probes:
         others = [f for f in files if os.path.basename(f) != probe]

@@ -1,6 +1,7 @@
 """The atlas (sample.py atlas): a training run at a glance in one HTML page. Owns choosing the
 checkpoints, temperatures and corpus, sampling the grid and the palimpsest through the one
 compiled decoder, and each cell's copied lines; gpt2/atlas_page.py draws the page."""
+import dataclasses
 import math
 import os
 import shlex
@@ -10,19 +11,18 @@ from typing import NamedTuple
 
 import tqdm
 
-import encoder as encoder_lib
 from gpt2 import atlas_page
 from gpt2 import checkpoint
-from gpt2 import dataset
+from gpt2 import corpus as corpus_lib
 from gpt2 import errors
 from gpt2 import novelty
 from gpt2 import palimpsest
 from gpt2 import paths
-from gpt2 import precision
 from gpt2 import prompts as prompts_lib
 from gpt2 import runlog
 from gpt2 import runs
 from gpt2 import sampling
+from gpt2 import source
 from gpt2.errors import UserError
 
 DEFAULT_TEMPERATURES = (0.7, 1.0, 1.3)
@@ -83,7 +83,7 @@ def check_corpus(corpus, prefixes):
                         '--corpus PATHS, the text the run was trained on')
     for c in corpus:
         try:
-            dataset.expand_paths(c)
+            corpus_lib.expand_paths(c)
         except UserError as e:
             if given:
                 raise
@@ -129,7 +129,7 @@ class Atlas(NamedTuple):
     """Everything the page shows. `log` is log.jsonl's records (None for a run without one),
     `saved` every checkpoint of the run, `prefixes` the chosen ones, `shown` each row's prompt
     (prompt by prompt, `nsamples` rows each), `cells` prefix by temperature, `every` the
-    palimpsest's tokens per checkpoint, `layers` each palimpsest's spans (palimpsest.annotate's
+    palimpsest's tokens per checkpoint, `layers` each palimpsest's stretches (palimpsest.annotate's
     records), `command` the line that writes the page again, `traces` the compiled decode
     loop's traces, keyed by greedy or not."""
     run_dir: str
@@ -160,46 +160,50 @@ def copied_lines(filt, text):
     return flags.tolist(), report
 
 
-def build(run_dir, prefixes, *, temperatures, texts, nsamples, length, seed, corpus,
-          ngram=novelty.DEFAULT_NGRAM, top_k=sampling.DEFAULT_TOP_K, top_p=sampling.DEFAULT_TOP_P,
-          every=None, batch_size=None, dtype='fp32', jit_compile=True, quiet=False, command=''):
+def build(run_dir, prefixes, s, *, temperatures, texts, corpus, ngram, every, batch_size,
+          command=''):
     """Sample every checkpoint at every temperature (the same prompts and seed in each cell) and
-    one palimpsest walking through them, `every` tokens each (default: an equal share of
+    one palimpsest walking through them, `every` tokens each (None: an equal share of
     `length`) at the first temperature, all through one compiled loop: only the parameter tree
-    changes between cells, and the temperature is a tensor. Returns the Atlas."""
+    changes between cells, and the temperature is a tensor. `s`: the settings.SampleSettings
+    (with a seed), whose temperature the cells replace; `batch_size` None: every row of a cell
+    at once. Returns the Atlas."""
     hp = palimpsest.check_same_hparams(prefixes)
-    enc = encoder_lib.get_encoder(os.path.dirname(prefixes[0]))
+    enc = source.encoder(prefixes[0])
     # prompts.rows gives each of several prompts one row; the grid wants nsamples of each.
-    per = None if texts is None else [t for t in texts for _ in range(nsamples)]
-    rows, shown = prompts_lib.rows(per, enc, hp, nsamples if texts is None else 1)
+    per = None if texts is None else [t for t in texts for _ in range(s.nsamples)]
+    rows, shown = prompts_lib.rows(per, enc, hp, s.nsamples if texts is None else 1)
     filt = novelty.Filter(corpus, mode='mark', ngram=ngram)
-    store = palimpsest.Store(hp, dtype=dtype)
-    controls = dict(prompts=rows, batch_size=batch_size or len(rows), length=length, top_k=top_k,
-                    top_p=top_p, seed=seed, decode_text=enc.decode, jit_compile=jit_compile)
+    store = palimpsest.Store(hp, dtype=s.dtype)
+    s = dataclasses.replace(s, batch_size=batch_size or len(rows))
+    options = dict(prompts=rows, decode_text=enc.decode, jit_compile=s.xla)
     cells, traces = [], {}
     bar = tqdm.tqdm(total=len(prefixes) * len(temperatures) + 1, unit='cell', file=sys.stderr,
-                    disable=quiet, leave=False)
+                    disable=s.quiet, leave=False)
     with bar:
         for prefix in prefixes:
             tree = store.get(prefix)
             for t in temperatures:
                 bar.set_postfix_str(f'{os.path.basename(prefix)} T={t:g}')
-                res = sampling.run_spans(hp, [(0, (tree,), (1.0,))], temperature=t, **controls)
+                res = sampling.run_spans(hp, [sampling.Span.fixed(tree)],
+                                         dataclasses.replace(s, temperature=t), **options)
                 traces[t == 0] = res['tracing_count']
                 marks = [copied_lines(filt, text) for text in res['texts']]
                 report = sum((r for _, r in marks), novelty.Report(filt.index.ngram))
                 cells.append(Cell(prefix, t, res['texts'], [f for f, _ in marks], report))
                 bar.update(1)
-        every = every or -(-length // len(prefixes))
+        every = every or -(-s.length // len(prefixes))
         bar.set_postfix_str('palimpsest')
-        res = palimpsest.run(hp, palimpsest.walk_plan(prefixes, every), store, cache='keep',
-                             temperature=temperatures[0], **controls)
+        res = palimpsest.sample(hp, palimpsest.walk_plan(prefixes, every), store,
+                                dataclasses.replace(s, temperature=temperatures[0]),
+                                cache='keep', **options)
         traces[temperatures[0] == 0] = res['tracing_count']
-        layers = [palimpsest.annotate(toks, spans, enc.decode, text=text)[1]
-                  for toks, text, spans in zip(res['tokens'], res['texts'], res['spans'])]
+        layers = [palimpsest.annotate(toks, stretches, enc.decode, text=text)[1]
+                  for toks, text, stretches in zip(res['tokens'], res['texts'],
+                                                   res['stretches'])]
         bar.update(1)
     return Atlas(run_dir, runlog.read(run_dir), checkpoint.list_checkpoints(run_dir),
-                 list(prefixes), tuple(temperatures), shown, nsamples, cells, every, layers,
+                 list(prefixes), tuple(temperatures), shown, s.nsamples, cells, every, layers,
                  command, traces)
 
 
@@ -214,79 +218,37 @@ def _command(flags):
     return ' '.join(shlex.quote(p) for p in parts)
 
 
-def run(run_name=None, steps='all', temperatures=DEFAULT_TEMPERATURES, prompt=None,
-        prompt_file=None, nsamples=DEFAULT_NSAMPLES, length=sampling.DEFAULT_LENGTH, seed=None,
-        corpus=None, output=None, checkpoint_dir=paths.CHECKPOINT_DIR,
-        samples_dir=paths.SAMPLES_DIR, top_k=sampling.DEFAULT_TOP_K,
-        top_p=sampling.DEFAULT_TOP_P, ngram=novelty.DEFAULT_NGRAM, every=None, batch_size=None,
-        dtype='fp32', xla=True, quiet=False):
-    """One HTML page of a training run: its loss curve, samples from its checkpoints at several
-    temperatures with the lines copied from the corpus marked, its memorisation curve, and a
-    palimpsest across the checkpoints. Self-contained (inline CSS and SVG, no script), offline;
-    the same flags and seed give the same page, byte for byte.
-
-    Args:
-        run_name: the run: CHECKPOINT_DIR/RUN (its checkpoints, hparams.json and log.jsonl).
-        steps: all (every saved checkpoint), or steps and names, e.g. 60,200 or model-60.
-        temperatures: the grid's columns, comma-separated (0 is greedy); the palimpsest is
-            written at the first.
-        prompt: a prompt (escapes like \\n are read); without one, samples start from
-            <|endoftext|>.
-        prompt_file: a file of prompts, as for plain sampling (sample.py --help).
-        nsamples: samples per prompt in each cell.
-        length: new tokens per sample.
-        seed: the same in every cell, so cells differ only by checkpoint and temperature (printed
-            when not given).
-        corpus: the training text for the copied lines (files, folders, globs, comma-separated);
-            default: the datasets the run's checkpoints record.
-        output: the page (default SAMPLES_DIR/RUN/atlas.html), written atomically.
-        checkpoint_dir: the folder of runs (checkpoint).
-        samples_dir: the folder of samples (samples).
-        top_k: keep the k most likely tokens (0: all).
-        top_p: nucleus filter (1: off), as for plain sampling.
-        ngram: tokens in a shared run that make a line copied (see sample.py novelty --help).
-        every: tokens each checkpoint writes of the palimpsest (default: length / checkpoints,
-            rounded up).
-        batch_size: samples generated at once (default: every prompt and sample of a cell).
-        dtype: the weights' decoding copy: fp32, bf16 or int8 (as for plain sampling).
-        xla: compile the decode loop with XLA.
-        quiet: no progress bar.
-    """
-    if run_name is None:
+def run(s, *, steps, temperatures, corpus, ngram, every, batch_size):
+    """sample.py atlas (its --help says what each flag means): the page of --run_name's
+    checkpoints `steps` at `temperatures`, written to --output (default
+    SAMPLES_DIR/RUN/atlas.html); `s` the settings.SampleSettings of the other flags."""
+    if s.run_name is None:
         raise UserError('give --run_name RUN: the run folder under --checkpoint_dir to draw')
     temps = parse_temperatures(temperatures)
-    for t in temps:
-        sampling.check_controls(length=length, temperature=t, top_k=top_k, top_p=top_p,
-                                repetition_penalty=sampling.DEFAULT_PENALTY, nsamples=nsamples,
-                                batch_size=1 if batch_size is None else batch_size)
+    if batch_size is not None:
+        errors.check_whole('batch_size', batch_size, at_least=1)
     errors.check_whole('ngram', ngram, at_least=1)
     if every is not None:
         errors.check_whole('every', every, at_least=1, note='tokens per checkpoint')
-    precision.check_dtype(dtype)
-    texts = prompts_lib.read(prompt, prompt_file)
-    run_dir = os.path.join(str(checkpoint_dir), str(run_name))
-    if not os.path.isdir(run_dir):
-        raise UserError(f'no run folder {run_dir} (from --run_name {run_name} under '
-                        f'--checkpoint_dir {checkpoint_dir})')
+    texts = prompts_lib.read(s.prompt, s.prompt_file)
+    run_dir = source.run_folder(s)
     prefixes = choose(run_dir, steps)
-    out = str(output) if output is not None else os.path.join(str(samples_dir), str(run_name),
-                                                              FILENAME)
+    out = str(s.output) if s.output is not None else os.path.join(
+        str(s.samples_dir), str(s.run_name), FILENAME)
     check_writable(out)
     corpus = check_corpus(corpus, prefixes)
-    seed = sampling.new_seed() if seed is None else int(seed)
-    if not quiet:
+    s = sampling.seeded(s)
+    if not s.quiet:
         print(f'atlas of {run_dir}: {len(prefixes)} checkpoints x {len(temps)} temperatures, '
-              f'seed {seed}', file=sys.stderr)
-    command = _command([('run_name', run_name), ('checkpoint_dir', checkpoint_dir),
-                        ('steps', steps), ('temperatures', temps), ('prompt', prompt),
-                        ('prompt_file', prompt_file), ('nsamples', nsamples),
-                        ('length', length), ('seed', seed), ('corpus', corpus),
-                        ('top_k', top_k or None), ('top_p', None if top_p == 1 else top_p),
+              f'seed {s.seed}', file=sys.stderr)
+    command = _command([('run_name', s.run_name), ('checkpoint_dir', s.checkpoint_dir),
+                        ('steps', steps), ('temperatures', temps), ('prompt', s.prompt),
+                        ('prompt_file', s.prompt_file), ('nsamples', s.nsamples),
+                        ('length', s.length), ('seed', s.seed), ('corpus', corpus),
+                        ('top_k', s.top_k or None), ('top_p', None if s.top_p == 1 else s.top_p),
                         ('ngram', None if ngram == novelty.DEFAULT_NGRAM else ngram),
-                        ('every', every), ('dtype', None if dtype == 'fp32' else dtype)])
-    atlas = build(run_dir, prefixes, temperatures=temps, texts=texts, nsamples=nsamples,
-                  length=length, seed=seed, corpus=corpus, ngram=ngram, top_k=top_k,
-                  top_p=top_p, every=every, batch_size=batch_size, dtype=dtype,
-                  jit_compile=xla, quiet=quiet, command=command)
+                        ('every', every), ('dtype', None if s.dtype == 'fp32' else s.dtype)])
+    atlas = build(run_dir, prefixes, s, temperatures=temps, texts=texts, corpus=corpus,
+                  ngram=ngram, every=every, batch_size=batch_size, command=command)
     paths.write_text(out, atlas_page.render(atlas))
     print(f'wrote {out}', file=sys.stderr)

@@ -253,11 +253,11 @@ def palimpsest_section(atlas, keys):
     legend = ''.join(f'<span class="key {keys[p]}">{esc(name(p))}</span>'
                      for p in atlas.prefixes)
     texts = []
-    for i, spans in enumerate(atlas.layers):
+    for i, stretches in enumerate(atlas.layers):
         body = ''.join(f'<span class="{keys[s["checkpoint"]]}" '
                        f'data-checkpoint="{esc(name(s["checkpoint"]))}" '
                        f'title="{esc(name(s["checkpoint"]))}">{esc(s["text"])}</span>'
-                       for s in spans)
+                       for s in stretches)
         texts.append(f'<div class="palimpsest" data-sample="{i + 1}">{body}</div>')
     return f'<div class="legend">{legend}</div>{"".join(texts)}'
 

@@ -1,29 +1,10 @@
 """Entry-point glue for the scripts: fire dispatch, one-line errors, non-zero exits."""
 import errno
-import os
 import sys
 
 import fire
 
 from gpt2.errors import USER_ERRORS
-
-
-def quiet_tensorflow():
-    """Import TensorFlow with its C++ start-up banner kept off stderr.
-
-    TF 2.21 prints its oneDNN notice through absl before logging is configured, so no environment
-    variable silences it; stderr (fd 2) is pointed at /dev/null for the import alone. Scripts call
-    this first; a failing import still raises, and its message is printed after stderr is back.
-    """
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def main(component, *, name=None):

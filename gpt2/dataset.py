@@ -7,9 +7,6 @@ from gpt2 import encoding as encoding_lib
 from gpt2.errors import UserError
 
 
-expand_paths = corpus.expand_paths  # files, folders (recursive), globs -> files
-
-
 def load_npz(path):
     """Chunks stored by encode.py (or nshepperd's encode.py): one 1-D token array (int32) per
     entry, checked as corpus.read_npz checks them."""

@@ -17,25 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 
 import encoder as encoder_lib
+from gpt2 import corpus as corpus_lib
 from gpt2 import dataset
 from gpt2 import errors
 from gpt2 import paths as paths_lib
+from gpt2 import samples_file
 from gpt2.errors import UserError
 
-# sample.py writes '<40 x => SAMPLE n <40 x =>' between samples; any line starting with this prefix
-# is a delimiter, never checked, always kept.
-SAMPLE_DELIMITER = '=' * 40
-SAMPLE_HEADER = SAMPLE_DELIMITER + ' SAMPLE {} ' + SAMPLE_DELIMITER  # .format(sample number)
 MODES = ('drop', 'mark')
 MARKER = '[copied] '  # prefixed to each copied line in `mark` mode
 DEFAULT_NGRAM = 8  # tokens; about six words (see README.md, novelty filter for how it was chosen)
 _FLUSH = 1 << 20  # corpus tokens hashed at a time, so a huge file never lives as a Python list
-
-
-def format_samples(texts):
-    """The samples file that sample.py, train.py and palimpsests write (and this filter reads):
-    each text after a SAMPLE_HEADER line with its number from 1."""
-    return ''.join(f'{SAMPLE_HEADER.format(i + 1)}\n{t}\n' for i, t in enumerate(texts))
 
 
 def normalise(line):
@@ -121,15 +113,15 @@ def _documents(path, enc):
 
 class Index:
     """Hashes of a corpus's normalised lines and of its `ngram`-token n-grams, as sorted uint64
-    arrays: 8 bytes a distinct n-gram, so a 10 MB corpus (~2.5M tokens) holds at most ~20 MB
-    (BENCHMARKS.md). `paths`: files, folders, globs (a list, or one comma-separated
-    string); text files, and .npz token files decoded with `enc`.
+    arrays: 8 bytes a distinct n-gram (BENCHMARKS.md has a 10 MB corpus's figures). `paths`:
+    files, folders, globs (a list, or one comma-separated string); text files, and .npz token
+    files decoded with `enc`.
     """
 
     def __init__(self, paths, *, ngram=DEFAULT_NGRAM, enc=None):
         self.ngram = _check_ngram(ngram)
         self.enc = enc or encoder_lib.get_encoder()
-        self.files = dataset.expand_paths(split_paths(paths))
+        self.files = corpus_lib.expand_paths(split_paths(paths))
         line_hashes, grams, self.tokens = set(), [], 0
         for path in self.files:
             for lines in _documents(path, self.enc):
@@ -200,7 +192,8 @@ class Filter:
     `.check(text) -> (kept_text, report)` on each generated text; `.total` sums the reports of
     every check (a rate for the checkpoint). `ngram` defaults to DEFAULT_NGRAM, or the Index's."""
 
-    def __init__(self, corpus, *, mode='drop', ngram=None, enc=None, delimiter=SAMPLE_DELIMITER):
+    def __init__(self, corpus, *, mode='drop', ngram=None, enc=None,
+                 delimiter=samples_file.SAMPLE_DELIMITER):
         self.mode = _check_mode(mode)
         if isinstance(corpus, Index):
             if ngram is not None and ngram != corpus.ngram:
@@ -252,31 +245,15 @@ class Filter:
 
 
 def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
-        delimiter=SAMPLE_DELIMITER):
-    """Drop or mark the lines of a samples file that are copied from the training corpus.
-
-    A line is copied when, after collapsing whitespace and ignoring case, it is a line of the
-    corpus, or when it shares a run of --ngram GPT-2 tokens with the corpus. Prints on stderr the
-    share of lines copied and the share of generated n-grams found in the corpus (a memorisation
-    rate: compare it across checkpoints to pick one that writes rather than recites).
-
-    Args:
-        corpus: training text: files, folders or globs (comma-separated on the command line);
-            .txt or .npz token files from encode.py.
-        samples: a file written by sample.py (samples separated by lines of '=' * 40, kept as is).
-        mode: drop (remove copied lines) or mark (prefix them with '[copied] ').
-        ngram: length in tokens of a shared run that makes a line copied (about 0.75 words a token).
-        output: where to write the filtered samples (written atomically); default stdout.
-        delimiter: lines starting with this separate samples; never checked, always kept.
-
-    It returns the report as a dict: ngram, lines, copied_lines, line_share, ngrams,
-    copied_ngrams, ngram_share (shares are None when nothing was counted).
-    """
+        delimiter=samples_file.SAMPLE_DELIMITER):
+    """sample.py novelty (its --help says what each flag means): the samples file `samples`
+    with the lines copied from `corpus` dropped or marked, to `output` or stdout; the rates go to
+    stderr. Returns the Report as a dict (shares None when nothing was counted)."""
     _check_ngram(ngram), _check_mode(mode)  # before the index build, which takes a while
     if output is not None and not isinstance(output, (str, os.PathLike)):
         raise UserError(f'--output needs a file name, got {output!r}; e.g. --output '
                         'samples/novel.txt, or leave it out to write to stdout')
-    text = _read_samples(samples)
+    text = samples_file.read(samples)
     filt = Filter(corpus, mode=mode, ngram=ngram, delimiter=delimiter)
     kept, report = filt.check(text)
     if output is None:
@@ -290,14 +267,3 @@ def run(corpus, samples, *, mode='drop', ngram=DEFAULT_NGRAM, output=None,
     print(f'novelty: {report}; {verb} {report.copied_lines} lines -> {where}', file=sys.stderr)
     return report.to_dict()
 
-
-def _read_samples(path):
-    if not os.path.isfile(path):
-        what = 'a folder' if os.path.isdir(path) else 'not found'
-        raise UserError(f'samples file {path} is {what}; pass the text file sample.py wrote')
-    try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f'samples file {path} is not UTF-8 text (byte {e.start}); '
-                        'pass the text file sample.py wrote') from None

@@ -1,27 +1,31 @@
 """The palimpsest sampler: one text written by checkpoints from several moments of training.
 
 Owns the plans (schedule, cycle, walk through a run, blend), naming and loading the checkpoints
-lazily within a memory budget, and the annotation of who wrote which span. The decoding itself is
-gpt2/sampling.py's compiled loop, given another parameter tree at each span (no retrace).
+lazily within a memory budget, the annotation of who wrote which stretch of the text, and
+sample.py palimpsest's output and JSON record. The decoding itself is gpt2/sampling.py's compiled
+loop, given another parameter tree at each turn (a sampling.Span: no retrace).
 """
 import collections
+import datetime
 import hashlib
 import json
 import os
 import re
+import sys
 from typing import NamedTuple
 
 import tensorflow as tf
 
-from gpt2 import checkpoint, fast, model, novelty, paths, precision, sampling
-from gpt2 import errors
+from gpt2 import checkpoint, errors, fast, model, paths, precision
+from gpt2 import prompts as prompts_lib
+from gpt2 import samples_file, sampling, source
 from gpt2.errors import UserError
 
 DEFAULT_BUDGET_MB = 4096   # parameter trees kept in memory at once (124M in float32 is ~500 MB)
-MARK = '[[{}]]'            # how --annotate marks the start of a span in text output
+MARK = '[[{}]]'            # how --annotate marks the start of a stretch in text output
 
 
-# ---- plans: lists of (first new-token index, checkpoint names, weights) ----
+# ---- plans: turns [(first new-token index, checkpoint)], or a blend [(checkpoint, weight)] ----
 
 def split_items(value, flag):
     """Comma-separated entries of a flag."""
@@ -119,10 +123,10 @@ def all_steps(run_dir):
 
 
 class Plan(NamedTuple):
-    """What the flags ask for: `spans` [(first new-token index, prefix)] or `blend`
+    """What the flags ask for: `turns` [(first new-token index, prefix)] or `blend`
     [(prefix, weight)], the `prefixes` they name, a `description` for file names, and a `note`
     for the user ('' when none)."""
-    spans: list
+    turns: list
     blend: list
     prefixes: list
     description: str
@@ -140,14 +144,14 @@ def plan_from_flags(*, schedule=None, cycle=None, steps=None, every=None, blend=
         weighted = [(name(n), w) for n, w in parse_blend(blend)]
         return Plan(None, weighted, [p for p, _ in weighted], f'blend-{blend}')
     if schedule is not None:
-        spans = [(pos, name(n)) for pos, n in parse_schedule(schedule)]
-        return Plan(spans, None, [p for _, p in spans], str(schedule))
+        turns = [(pos, name(n)) for pos, n in parse_schedule(schedule)]
+        return Plan(turns, None, [p for _, p in turns], str(schedule))
     flag = '--cycle' if cycle is not None else '--steps'
     if every is None:
         raise UserError(f'{flag} needs --every N (tokens per checkpoint)')
     if cycle is not None:
-        spans = cycle_plan([name(n) for n in split_items(cycle, flag)], every, length)
-        return Plan(spans, None, [p for _, p in spans], f'cycle-{cycle}-every{every}')
+        turns = cycle_plan([name(n) for n in split_items(cycle, flag)], every, length)
+        return Plan(turns, None, [p for _, p in turns], f'cycle-{cycle}-every{every}')
     if str(steps) == 'all':
         if run_dir is None:
             raise UserError('--steps all needs --run_name (the run to walk through)')
@@ -158,8 +162,8 @@ def plan_from_flags(*, schedule=None, cycle=None, steps=None, every=None, blend=
     if len(names) * every > length + every:
         note = (f'{len(names)} checkpoints x {every} tokens is more than --length {length}; '
                 'the later ones are not reached')
-    spans = walk_plan(names, every)
-    return Plan(spans, None, [p for _, p in spans], f'steps-{steps}-every{every}', note)
+    turns = walk_plan(names, every)
+    return Plan(turns, None, [p for _, p in turns], f'steps-{steps}-every{every}', note)
 
 
 def check_same_hparams(prefixes):
@@ -217,31 +221,30 @@ class Store:
 
 # ---- running a plan ----
 
-def run(hparams, plan, store, *, prompts, batch_size, length, cache='keep', blend=None, **controls):
-    """Sample with checkpoints taking over at the plan's positions.
+def sample(hparams, turns, store, s, *, prompts, cache='keep', blend=None, **options):
+    """Sample with checkpoints taking their turns, as settings.SampleSettings `s` say (with a
+    seed), through sampling.run_spans (`options`: its stops, decode_text, jit_compile, progress).
 
-    `plan` is [(first new-token index, prefix)] sorted from 0, or None with `blend`
+    `turns` is [(first new-token index, prefix)] sorted from 0, or None with `blend`
     [(prefix, weight)]. `cache` 'keep' leaves the keys/values earlier checkpoints wrote in the
     cache (later tokens read the text as those moments understood it), 'recompute' re-reads the
-    text with each new checkpoint. Returns {'tokens', 'texts', 'spans'}, spans per sample being
-    [(first token, end token, prefix)].
+    text with each new checkpoint. Returns run_spans' dict and 'stretches', those of a sample
+    being [(first token, end token, prefix)]: who wrote which of its tokens.
     """
     if cache not in ('keep', 'recompute'):
         raise UserError(f'--cache must be keep or recompute, got {cache!r}')
     if blend:
         prefixes = [p for p, _ in blend]
-        spans = [(0, lambda: tuple(store.get(p) for p in prefixes),
-                  tuple(w for _, w in blend))]
-        plan = [(0, '+'.join(f'{_short(p)}:{w:g}' for p, w in blend))]
+        spans = [sampling.Span(0, lambda: tuple(store.get(p) for p in prefixes),
+                               tuple(w for _, w in blend))]
+        turns = [(0, '+'.join(f'{_short(p)}:{w:g}' for p, w in blend))]
     else:
-        spans = [(pos, _getter(store, p), (1.0,)) for pos, p in plan]
-    out = sampling.run_spans(hparams, spans, prompts=prompts, batch_size=batch_size,
-                             length=length, recompute=cache == 'recompute', **controls)
-    out['spans'] = []
-    for toks in out['tokens']:
-        bounds = [pos for pos, _ in plan] + [length]
-        out['spans'].append([(a, min(b, len(toks)), p) for (a, p), b in zip(plan, bounds[1:])
-                             if a < len(toks)])
+        spans = [sampling.Span(pos, _getter(store, p)) for pos, p in turns]
+    out = sampling.run_spans(hparams, spans, s, prompts=prompts,
+                             recompute=cache == 'recompute', **options)
+    ends = [pos for pos, _ in turns[1:]] + [s.length]
+    out['stretches'] = [[(a, min(b, len(toks)), p) for (a, p), b in zip(turns, ends)
+                         if a < len(toks)] for toks in out['tokens']]
     return out
 
 
@@ -253,11 +256,11 @@ def _short(prefix):
     return os.path.basename(prefix)
 
 
-def annotate(tokens, spans, decode_text, *, text=None):
-    """(text with MARK before each span, [{checkpoint, tokens [a, b), chars [a, b), text}])."""
+def annotate(tokens, stretches, decode_text, *, text=None):
+    """(text with MARK before each stretch, [{checkpoint, tokens [a, b), chars [a, b), text}])."""
     parts, records = [], []
     full = text if text is not None else decode_text(tokens)
-    for a, b, prefix in spans:
+    for a, b, prefix in stretches:
         ca = len(decode_text(tokens[:a]))
         cb = len(full) if b >= len(tokens) else len(decode_text(tokens[:b]))
         cb = min(cb, len(full))
@@ -280,7 +283,66 @@ def output_name(kind, description, *, seed, temperature):
 def write(path, texts, meta):
     """The samples file at `path` and its JSON record beside it (`meta`), both atomically;
     returns the JSON's path."""
-    paths.write_text(path, novelty.format_samples(texts))
+    paths.write_text(path, samples_file.format_samples(texts))
     json_path = os.path.splitext(path)[0] + '.json'
     paths.write_text(json_path, json.dumps(meta, indent=2, ensure_ascii=False) + '\n')
     return json_path
+
+
+# ---- sample.py palimpsest ----
+
+def run(s, *, schedule, cycle, steps, every, blend, cache, annotated, budget_mb):
+    """sample.py palimpsest (its --help says what each flag means; `annotated` is --annotate):
+    the plan the flags give, sampled as settings.SampleSettings `s` say, printed, and written to
+    --output or a name in --samples_dir that records the plan, with its JSON record beside it."""
+    texts = prompts_lib.read(s.prompt, s.prompt_file)
+    plan = plan_from_flags(schedule=schedule, cycle=cycle, steps=steps, every=every, blend=blend,
+                           run_dir=source.run_folder(s), length=s.length)
+    if plan.note and not s.quiet:
+        print(f'note: {plan.note}', file=sys.stderr)
+    hparams = check_same_hparams(plan.prefixes)
+    store = Store(hparams, budget_mb, s.dtype)
+    if plan.blend:
+        need = len(plan.blend) * store.copy_bytes()
+        if need > store.budget:
+            raise UserError(f'--blend needs all {len(plan.blend)} checkpoints in memory at once '
+                            f'({need >> 20} MB in {s.dtype}), more than --budget_mb {budget_mb}; '
+                            'raise it, or take a narrower --dtype')
+    enc = source.encoder(plan.prefixes[0])
+    stop_ids, stop_strings = prompts_lib.stops(s.stop, enc)
+    s = sampling.seeded(s)
+    rows, shown = prompts_lib.rows(texts, enc, hparams, s.nsamples)
+    update, close = sampling.progress_bar(len(rows) * s.length, s.quiet)
+    try:
+        res = sample(hparams, plan.turns, store, s, prompts=rows, cache=cache, blend=plan.blend,
+                     stop_ids=stop_ids, stop_strings=stop_strings, decode_text=enc.decode,
+                     jit_compile=s.xla, progress=update)
+    finally:
+        close()
+    bodies, records = [], []
+    for i, (toks, text, stretches) in enumerate(zip(res['tokens'], res['texts'],
+                                                    res['stretches'])):
+        if annotated:
+            text, rec = annotate(toks, stretches, enc.decode, text=text)
+            # 'spans': the record's key for the stretches since its first version
+            records.append({'sample': i + 1, 'prompt': shown[i], 'spans': rec})
+        bodies.append((shown[i] + text) if s.include_prompt else text)
+    samples_file.print_samples(bodies, quiet=s.quiet)
+    _write_run(s, plan, cache, bodies, records if annotated else None)
+
+
+def _write_run(s, plan, cache, bodies, records):
+    # The samples file and its JSON record: what regenerates the text (and, annotated, who wrote
+    # which stretch of each sample).
+    name = output_name(f'palimpsest-{cache}', plan.description, seed=s.seed,
+                       temperature=s.temperature)
+    path = s.output or os.path.join(s.samples_dir, name + '.txt')
+    meta = {'plan': plan.description, 'cache': cache, 'dtype': s.dtype, 'seed': s.seed,
+            'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
+            'repetition_penalty': s.repetition_penalty, 'length': s.length,
+            'written': datetime.datetime.now().isoformat(timespec='seconds'),
+            'checkpoints': plan.prefixes}
+    if records is not None:
+        meta['samples'] = records
+    json_path = write(path, bodies, meta)
+    print(f'wrote {path} and {json_path} (seed {s.seed})', file=sys.stderr)

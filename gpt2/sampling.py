@@ -2,25 +2,23 @@
 
 The decode loop is built once per (hparams, batch, cache length, filter kinds) and takes the
 parameter tree(s) as arguments, so the tree can change at any token boundary without a retrace:
-plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per span.
+plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per Span.
 """
+import dataclasses
 import functools
 import os
+import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import errors
 from gpt2 import fast
 from gpt2 import model
+from gpt2 import settings
 from gpt2.errors import UserError
 
 EOT_ID = 50256            # <|endoftext|>: unconditional samples start from it
-DEFAULT_LENGTH = 100
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_K = 0         # 0 = off
-DEFAULT_TOP_P = 1.0       # 1 = off
-DEFAULT_PENALTY = 1.0     # 1 = off
 DEFAULT_CHUNK = 32        # tokens per call of the compiled loop (stop strings are checked between)
 SLIDE_KEEP = 0.75         # past n_ctx, the window keeps this fraction of n_ctx as context
 CACHE_ROUND = 32          # cache lengths round up to this, so nearby lengths share a compile
@@ -268,29 +266,29 @@ class Decoder:
 
 # ---- the public entry points ----
 
-def check_controls(*, length, temperature, top_k, top_p, repetition_penalty, nsamples=1,
-                   batch_size=1):
-    """Raise UserError for values no sampler can use."""
-    problems = []
-    problems.append(errors.not_whole('length', length))
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        problems.append(f'--temperature must be >= 0 (0 = greedy), got {temperature!r}')
-    problems.append(errors.not_whole('top_k', top_k, note='0 = off'))
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        problems.append(f'--top_p must be in (0, 1] (1 = off), got {top_p!r}')
-    if not isinstance(repetition_penalty, (int, float)) or repetition_penalty <= 0:
-        problems.append(f'--repetition_penalty must be > 0 (1 = off; CTRL used 1.2), '
-                        f'got {repetition_penalty!r}')
-    problems.append(errors.not_whole('nsamples', nsamples, at_least=1))
-    problems.append(errors.not_whole('batch_size', batch_size, at_least=1))
-    problems = [p for p in problems if p]
-    if problems:
-        raise UserError('; '.join(problems))
+class Span(NamedTuple):
+    """From new token `start` on, the tokens come from the parameter trees `trees()` returns: a
+    tuple, whose next-token distributions are mixed by `weights` when it holds more than one.
+    `trees` is a function so that the palimpsest's Store loads a checkpoint only when its span
+    is reached."""
+    start: int
+    trees: Callable[[], tuple]
+    weights: tuple = (1.0,)
+
+    @classmethod
+    def fixed(cls, tree, start=0):
+        """A span of one tree already in memory."""
+        return cls(start, lambda: (tree,))
 
 
 def new_seed():
     """A fresh random seed, to be printed so the run can be repeated."""
     return int.from_bytes(os.urandom(4), 'little') & 0x7fffffff
+
+
+def seeded(s):
+    """settings.SampleSettings `s` with a seed: theirs, or a fresh one."""
+    return dataclasses.replace(s, seed=new_seed() if s.seed is None else int(s.seed))
 
 
 def seed_pair(seed):
@@ -301,6 +299,7 @@ def seed_pair(seed):
 
 def make_controls(hparams, *, temperature, top_p, repetition_penalty, seed, stop_ids=(),
                   weights=(1.0,)):
+    """The compiled loop's `controls` (see make_decoder): these values as tensors."""
     stop_mask = np.zeros([hparams.n_vocab], bool)
     for t in stop_ids:
         stop_mask[t] = True
@@ -344,78 +343,71 @@ def window(row, hparams):
     return row[-keep:]
 
 
-def generate(hparams, params, *, prompts=None, nsamples=1, batch_size=1,
-             length=DEFAULT_LENGTH, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
-             top_p=DEFAULT_TOP_P, seed=None, repetition_penalty=DEFAULT_PENALTY, stop_ids=(),
-             jit_compile=None, progress=None):
+def generate(hparams, params, *, prompts=None, stop_ids=(), jit_compile=None, progress=None,
+             **flags):
     """Sample `nsamples` continuations; returns the NEW token ids of each (a list of lists).
 
-    `prompts` is a list of token-id lists, one per sample (None: unconditional, from
-    <|endoftext|>); a row ends early at any id in `stop_ids` (not included). Sample i uses noise
-    keyed on (seed, i, step), so it is the same whatever the batch size. Lengths past n_ctx slide
-    the context window. See plan.run_spans for checkpoint swaps.
+    `flags` are settings.SampleSettings' sampling ones (nsamples, batch_size, length, temperature,
+    top_k, top_p, repetition_penalty, seed), with its defaults and checks. `prompts` is a list of
+    token-id lists, one per sample (None: unconditional, from <|endoftext|>); a row ends early at
+    any id in `stop_ids` (not included). Sample i uses noise keyed on (seed, i, step), so it is
+    the same whatever the batch size. Lengths past n_ctx slide the context window.
     """
-    check_controls(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, nsamples=nsamples,
-                   batch_size=batch_size)
+    s = seeded(settings.SampleSettings(**flags))
     if prompts is None:
-        prompts = [[start_token(hparams)]] * nsamples
-    if len(prompts) != nsamples:
-        raise UserError(f'got {len(prompts)} prompts for nsamples={nsamples}; give one per sample')
+        prompts = [[start_token(hparams)]] * s.nsamples
+    if len(prompts) != s.nsamples:
+        raise UserError(f'got {len(prompts)} prompts for nsamples={s.nsamples}; give one per '
+                        'sample')
     prompts = [list(map(int, p)) for p in prompts]
     check_prompts(hparams, prompts)
-    seed = new_seed() if seed is None else seed
-    spans = [(0, (fast.for_decoding(params),), (1.0,))]
-    return run_spans(hparams, spans, prompts=prompts, batch_size=batch_size, length=length,
-                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     repetition_penalty=repetition_penalty, stop_ids=stop_ids,
-                     jit_compile=jit_compile, progress=progress)['tokens']
+    return run_spans(hparams, [Span.fixed(fast.for_decoding(params))], s, prompts=prompts,
+                     stop_ids=stop_ids, jit_compile=jit_compile, progress=progress)['tokens']
 
 
-def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k, top_p, seed,
-              repetition_penalty=DEFAULT_PENALTY, stop_ids=(), stop_strings=(), decode_text=None,
-              recompute=False, jit_compile=None, progress=None, chunk=DEFAULT_CHUNK,
-              on_span=None):
+def run_spans(hparams, spans, s, *, prompts, stop_ids=(), stop_strings=(), decode_text=None,
+              recompute=False, jit_compile=None, progress=None, chunk=DEFAULT_CHUNK, on_span=None):
     """The driver shared by plain and palimpsest sampling.
 
-    `spans` is a list of (first new-token index, tuple of param trees, weights), sorted, the first
-    at 0: from that index on, tokens come from those trees (a mixture when more than one). With
-    `recompute`, the cache is rebuilt from the text with the new trees at each span; otherwise it
-    keeps what earlier trees wrote (a tree count change always rebuilds). Rows end at `stop_ids`
-    inside the loop and at `stop_strings` (needs `decode_text`) between chunks.
+    `spans` is a list of Span sorted by start, the first at 0; `s` the settings.SampleSettings
+    whose batch_size, length, temperature, top_k, top_p, repetition_penalty and seed (not None:
+    see seeded) it samples with. With `recompute`, the cache is rebuilt from the text with each
+    span's trees as it begins; otherwise it keeps what earlier trees wrote. Rows end at
+    `stop_ids` inside the loop and at `stop_strings` (needs `decode_text`) between chunks.
     Returns {'tokens': new ids per sample, 'texts': decoded and cut at stop strings or None,
     'tracing_count': traces of the compiled loop so far}.
     """
-    n_models = len(spans[0][2])
-    assert spans[0][0] == 0 and all(len(s[2]) == n_models for s in spans)
-    need = max(len(p) for p in prompts) + length
-    L = cache_length(hparams, need)
-    dec = Decoder(hparams, batch_size, L, n_models=n_models, greedy_only=temperature == 0,
-                  top_k=top_k, top_p=top_p < 1, penalty=repetition_penalty != 1, chunk=chunk,
-                  jit_compile=jit_compile)
+    n_models = len(spans[0].weights)
+    assert spans[0].start == 0 and all(len(span.weights) == n_models for span in spans)
+    assert s.seed is not None
+    L = cache_length(hparams, max(len(p) for p in prompts) + s.length)
+    dec = Decoder(hparams, s.batch_size, L, n_models=n_models, greedy_only=s.temperature == 0,
+                  top_k=s.top_k, top_p=s.top_p < 1, penalty=s.repetition_penalty != 1,
+                  chunk=chunk, jit_compile=jit_compile)
+    # The compiled loop's controls, once per span (spans differ only in their weights).
+    controls = [make_controls(hparams, temperature=s.temperature, top_p=s.top_p,
+                              repetition_penalty=s.repetition_penalty, seed=s.seed,
+                              stop_ids=stop_ids, weights=span.weights) for span in spans]
+    ends = [span.start for span in spans[1:]] + [s.length]
     results, texts = [], []
-    bounds = [s[0] for s in spans[1:]] + [length]
-    for b0 in range(0, len(prompts), batch_size):
-        batch = _Batch(prompts[b0:b0 + batch_size], b0, batch_size, len(prompts))
+    for b0 in range(0, len(prompts), s.batch_size):
+        batch = _Batch(prompts[b0:b0 + s.batch_size], b0, s.batch_size, len(prompts))
         done_steps = span_i = 0
-        dec.prefill(_trees(spans[0]), [window(r, hparams) if len(r) > L else r
+        dec.prefill(spans[0].trees(), [window(r, hparams) if len(r) > L else r
                                        for r in batch.rows], row_ids=batch.row_ids,
                     done=batch.ended)
-        while done_steps < length and not batch.ended.all():
-            while span_i + 1 < len(spans) and spans[span_i + 1][0] <= done_steps:
+        while done_steps < s.length and not batch.ended.all():
+            while span_i + 1 < len(spans) and spans[span_i + 1].start <= done_steps:
                 span_i += 1
                 if recompute:
-                    _rebuild(dec, _trees(spans[span_i]), batch, done_steps, L, hparams)
+                    _rebuild(dec, spans[span_i].trees(), batch, done_steps, L, hparams)
             if on_span is not None:
                 on_span(span_i, done_steps)
             if dec.room() == 0:
-                _rebuild(dec, _trees(spans[span_i]), batch, done_steps, L, hparams)
-            n = min(dec.chunk, dec.room(), bounds[span_i] - done_steps)
-            controls = make_controls(hparams, temperature=temperature, top_p=top_p,
-                                     repetition_penalty=repetition_penalty, seed=seed,
-                                     stop_ids=stop_ids, weights=spans[span_i][2])
-            batch.take(dec.run(_trees(spans[span_i]), n, controls), stop_ids, stop_strings,
-                       decode_text)
+                _rebuild(dec, spans[span_i].trees(), batch, done_steps, L, hparams)
+            n = min(dec.chunk, dec.room(), ends[span_i] - done_steps)
+            batch.take(dec.run(spans[span_i].trees(), n, controls[span_i]), stop_ids,
+                       stop_strings, decode_text)
             done_steps += n
             if progress is not None:
                 progress(n)
@@ -423,6 +415,16 @@ def run_spans(hparams, spans, *, prompts, batch_size, length, temperature, top_k
             results.append(tokens)
             texts.append(text)
     return {'tokens': results, 'texts': texts, 'tracing_count': dec.decode.tracing_count()}
+
+
+def progress_bar(total, quiet):
+    """(update, close) for run_spans' `progress`: a bar of `total` tokens on stderr, or none when
+    `quiet` or for under 200 tokens."""
+    if quiet or total < 200:
+        return None, lambda: None
+    import tqdm
+    bar = tqdm.tqdm(total=total, unit='tok', file=sys.stderr, leave=False)
+    return bar.update, bar.close
 
 
 class _Batch:
@@ -476,11 +478,6 @@ class _Batch:
             while k and len(decode_text(gen[:k])) > self.cut[r]:
                 k -= 1
             yield gen[:k], text
-
-
-def _trees(span):
-    # A span's trees, or a function that loads them on first use (the palimpsest's Store).
-    return span[1]() if callable(span[1]) else span[1]
 
 
 def _rebuild(dec, params, batch, steps, L, hparams):

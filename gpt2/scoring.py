@@ -1,12 +1,17 @@
-"""How likely a text is under a checkpoint: per-token log-probabilities, loss and perplexity."""
+"""How likely a text is under a checkpoint: per-token log-probabilities, loss and perplexity;
+sample.py score."""
 import functools
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
 
 from gpt2 import fast
 from gpt2 import model
+from gpt2 import sampling
+from gpt2 import source
+from gpt2.errors import UserError
 
 
 def _make_logprobs(hparams):
@@ -56,3 +61,29 @@ def summary(logprobs, n_bytes=None):
     if n_bytes:
         out['bits_per_byte'] = float(-np.sum(logprobs) / math.log(2) / n_bytes)
     return out
+
+
+def run(s, *, file, text, tokens):
+    """sample.py score (its --help says what each flag means): --file or --text under the
+    checkpoint settings.SampleSettings `s` name; prints its loss, perplexity and bits per byte,
+    after each token's log-probability with `tokens`."""
+    if (file is None) == (text is None):
+        raise UserError('give one of --file or --text to score')
+    if file is not None:
+        if not os.path.isfile(file):
+            raise UserError(f'file to score {file} does not exist')
+        with open(file, encoding='utf-8', errors='replace') as f:
+            text = f.read()
+    text = str(text)
+    params, hparams, prefix, enc = source.load(s)
+    ids = enc.encode(text)
+    if not ids:
+        raise UserError('the text to score is empty')
+    lp = score(hparams, fast.for_decoding(params, s.dtype), ids,
+               context_token=sampling.start_token(hparams))
+    if tokens:
+        for t, v in zip(ids, lp):
+            print(f'{v:10.4f}\t{enc.decode([t])!r}')
+    m = summary(lp, len(text.encode('utf-8')))
+    print(f'checkpoint {prefix}: {m["tokens"]} tokens, loss {m["loss"]:.4f} nats/token, '
+          f'perplexity {m["perplexity"]:.3f}, {m["bits_per_byte"]:.4f} bits/byte')

@@ -1,6 +1,8 @@
-"""Every setting of a training run in one frozen dataclass, checked once when it is made: what
-train.py's flags fill in and what gpt2.training passes around."""
+"""Every setting of a training run (TrainSettings), and the flags sample.py's subcommands share
+(SampleSettings), each in one frozen dataclass checked once when it is made: what the scripts'
+flags fill in (and their fire signatures are built from) and what the library passes around."""
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -86,12 +88,9 @@ class TrainSettings:
         return cls(**flags)
 
     @classmethod
-    def signature(cls):
-        """The fields as a function signature (dataset positional), for train.py's entry."""
-        kind = inspect.Parameter
-        return inspect.Signature([
-            kind(f.name, kind.POSITIONAL_OR_KEYWORD if f.name == 'dataset' else kind.KEYWORD_ONLY,
-                 default=f.default) for f in dataclasses.fields(cls)])
+    def signature(cls, entry):
+        """train.py's entry `entry` (dataset positional) with every field as a flag."""
+        return entry_signature(entry, cls)
 
     def __post_init__(self):
         counts = {'batch_size': 1, 'accumulate_gradients': 1, 'save_every': 0,
@@ -172,3 +171,90 @@ class TrainSettings:
     def learning_rate_at(self, step):
         return optim.scheduled_lr(step, base=self.learning_rate, schedule=self.lr_schedule,
                                   warmup=self.warmup_steps, total=self.total_steps)
+
+
+def entry_signature(entry, settings, *, only=None, omit=(), lead=None):
+    """The signature fire reads for a script's `entry` (its parsing and --help): the parameters
+    `entry` declares but its **flags, then the fields of the `settings` dataclass (`only` those,
+    or all but `omit` and those `entry` declares) as flags with the dataclass's defaults. So each
+    flag's default is written once, and the dataclass fills in what fire leaves out. The fields
+    are keyword-only; with `lead`, every flag may also come by position, those named in `lead`
+    first (see positional)."""
+    kind = inspect.Parameter
+    own = [p for p in inspect.signature(entry).parameters.values() if p.kind != kind.VAR_KEYWORD]
+    names = {p.name for p in own}
+    fields = [kind(f.name, kind.KEYWORD_ONLY, default=f.default)
+              for f in dataclasses.fields(settings) if f.name not in names and
+              (f.name in only if only is not None else f.name not in omit)]
+    if lead is None:
+        return inspect.Signature(own + fields)
+    # (all of one kind: beside keyword-only flags, fire's --help gives two flags one short name)
+    flags = [p.replace(kind=kind.POSITIONAL_OR_KEYWORD) for p in own + fields]
+    first = [p for name in lead for p in flags if p.name == name]
+    return inspect.Signature(first + [p for p in flags if p.name not in lead])
+
+
+def positional(entry, signature):
+    """`entry` (whose flags are keyword-only) taking `signature`'s flags by position too, as
+    fire hands them over: `sample.py 'A prompt'`, `sample.py score notes.txt`."""
+    @functools.wraps(entry)
+    def call(*args, **flags):
+        return entry(**signature.bind(*args, **flags).arguments)
+    call.__signature__ = signature
+    return call
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """The flags sample.py's subcommands share (sampling, palimpsest, score, atlas; their entries'
+    docstrings say what each means), with their defaults: what sampling.run_spans reads and the
+    library around it passes on. Each subcommand's signature takes those it needs."""
+    prompt: object = None             # a string, or a list of them
+    prompt_file: str = None
+    model_name: str = None            # at most one of these three; none: the 124M model
+    run_name: str = None
+    checkpoint: str = None
+    models_dir: str = paths.MODELS_DIR
+    checkpoint_dir: str = paths.CHECKPOINT_DIR
+    nsamples: int = 1
+    batch_size: int = 1
+    length: int = 100
+    temperature: float = 1.0          # 0: greedy
+    top_k: int = 0                    # 0: off
+    top_p: float = 1.0                # 1: off
+    repetition_penalty: float = 1.0   # 1: off
+    seed: int = None                  # None: a fresh one, printed (sampling.seeded)
+    stop: object = None               # a string, or a list of them
+    include_prompt: bool = False
+    output: str = None
+    samples_dir: str = paths.SAMPLES_DIR
+    quiet: bool = False
+    xla: bool = True
+    dtype: str = 'fp32'               # the decoding copy's: gpt2/precision.py
+
+    @classmethod
+    def entry(cls, entry, *, only=None, omit=(), lead=()):
+        """A sample.py entry with its own flags and these (entry_signature), every one of them
+        also positional, those in `lead` first: the order each took before its flags came from
+        here, so a first positional argument means what it meant."""
+        return positional(entry, entry_signature(entry, cls, only=only, omit=omit, lead=lead))
+
+    def __post_init__(self):
+        # Every value no sampler can use, in one message.
+        problems = [errors.not_whole('length', self.length)]
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            problems.append(f'--temperature must be >= 0 (0 = greedy), got {self.temperature!r}')
+        problems.append(errors.not_whole('top_k', self.top_k, note='0 = off'))
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            problems.append(f'--top_p must be in (0, 1] (1 = off), got {self.top_p!r}')
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            problems.append(f'--repetition_penalty must be > 0 (1 = off; CTRL used 1.2), '
+                            f'got {self.repetition_penalty!r}')
+        problems.append(errors.not_whole('nsamples', self.nsamples, at_least=1))
+        problems.append(errors.not_whole('batch_size', self.batch_size, at_least=1))
+        problems = [p for p in problems if p]
+        if problems:
+            raise UserError('; '.join(problems))
+        precision.check_dtype(self.dtype)
+        if sum(x is not None for x in (self.model_name, self.run_name, self.checkpoint)) > 1:
+            raise UserError('give one of --model_name, --run_name or --checkpoint, not several')

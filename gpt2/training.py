@@ -16,10 +16,10 @@ import encoder as encoder_lib
 from gpt2 import dataset as dataset_lib
 from gpt2 import distribute
 from gpt2 import layerwise
-from gpt2 import novelty
 from gpt2 import paths
 from gpt2 import runlog
 from gpt2 import runs
+from gpt2 import samples_file
 from gpt2 import sampling
 from gpt2 import step as step_lib
 from gpt2.errors import UserError
@@ -240,6 +240,6 @@ def _samples(hparams, state, enc, path, *, num, length, seed):
     """Unconditional samples from the current weights to samples/RUN/samples-STEP (and the log)."""
     out = sampling.generate(hparams, state.params, nsamples=num, batch_size=num, length=length,
                             seed=seed)
-    text = novelty.format_samples([enc.decode(t) for t in out])
+    text = samples_file.format_samples([enc.decode(t) for t in out])
     paths.write_text(path, text)
     tqdm.tqdm.write(text)

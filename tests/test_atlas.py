@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import encoder
+import sample as sample_py
 from gpt2 import atlas, atlas_page, hparams as hparams_lib, novelty, palimpsest, prompts, runlog
-from gpt2 import sampling
+from gpt2 import sampling, settings
 from tests import helpers
 from tests.conftest import ROOT
 
@@ -47,7 +48,7 @@ def run(tmp_path_factory):
 
 
 def _atlas(run, **kw):
-    """atlas.run on the run with OPTS; returns (the Atlas it built, the page's path, every
+    """sample.py atlas on the run with OPTS; returns (the Atlas it built, the page's path, every
     compiled decode loop it asked sampling.make_decoder for)."""
     built, decoders = [], {}
     with pytest.MonkeyPatch.context() as mp:
@@ -64,7 +65,7 @@ def _atlas(run, **kw):
         opts = dict(OPTS, run_name='r', checkpoint_dir=str(run / 'checkpoint'),
                     samples_dir=str(run / 'samples'))
         opts.update(kw)
-        atlas.run(**opts)
+        sample_py.atlas(**opts)
     path = opts.get('output') or str(run / 'samples' / 'r' / atlas.FILENAME)
     return built[0], path, list(decoders.values())
 
@@ -214,7 +215,7 @@ def test_the_loss_curve_has_a_point_per_logged_step_and_marks_each_checkpoint(pa
 
 
 def test_the_palimpsest_spans_join_to_the_palimpsests_text(page, run):
-    """The text of the coloured spans, joined, is what palimpsest.run writes with the same plan,
+    """The text of the coloured spans, joined, is what palimpsest.sample writes with the same plan,
     prompts and seed; each span is coloured and named by the checkpoint that wrote it, in walk
     order, and the legend lists them all. Breaks caught (seen): the last span left out, every
     span given the first checkpoint's colour."""
@@ -224,20 +225,20 @@ def test_the_palimpsest_spans_join_to_the_palimpsests_text(page, run):
     store = palimpsest.Store(HP)
     enc = encoder.get_encoder(str(run / 'checkpoint' / 'r'))
     rows, _ = prompts.rows([OPTS['prompt']] * OPTS['nsamples'], enc, HP, 1)
-    want = palimpsest.run(HP, palimpsest.walk_plan(prefixes, built.every), store,
-                          prompts=rows, batch_size=len(rows), length=OPTS['length'],
-                          temperature=TEMPS[0], top_k=0, top_p=1.0, seed=OPTS['seed'],
-                          decode_text=enc.decode)
+    want = palimpsest.sample(HP, palimpsest.walk_plan(prefixes, built.every), store,
+                             settings.SampleSettings(batch_size=len(rows), length=OPTS['length'],
+                                                     temperature=TEMPS[0], seed=OPTS['seed']),
+                             prompts=rows, decode_text=enc.decode)
     legend = {s.text(): [c for c in s.classes() if c != 'key'][0]
               for s in doc.find('div', 'legend')[0].find('span')}
     assert list(legend) == [f'model-{s}' for s in STEPS]
     texts = doc.find('div', 'palimpsest')
     assert len(texts) == len(want['texts'])
-    for div, wanted, spans in zip(texts, want['texts'], want['spans']):
+    for div, wanted, stretches in zip(texts, want['texts'], want['stretches']):
         got = div.find('span')
         assert _unpicture(''.join(s.text() for s in got)) == wanted
         names = [s.attrs['data-checkpoint'] for s in got]
-        assert names == [os.path.basename(p) for _, _, p in spans]
+        assert names == [os.path.basename(p) for _, _, p in stretches]
         assert [s.classes() for s in got] == [[legend[n]] for n in names]
     assert len(set(legend.values())) == len(STEPS)
 
@@ -279,9 +280,9 @@ def test_a_run_without_a_log_gets_the_page_and_a_note(run, tmp_path):
     shutil.copytree(run / 'checkpoint' / 'r', old,
                     ignore=lambda d, names: [n for n in names if n == runlog.FILENAME])
     out = tmp_path / 'old.html'
-    atlas.run(run_name='old', checkpoint_dir=str(tmp_path / 'checkpoint'), steps='80',
-              temperatures=1.0, prompt='the', nsamples=1, length=8, seed=1,
-              corpus=str(run / 'poem.txt'), output=str(out), quiet=True)
+    sample_py.atlas(run_name='old', checkpoint_dir=str(tmp_path / 'checkpoint'), steps='80',
+                    temperatures=1.0, prompt='the', nsamples=1, length=8, seed=1,
+                    corpus=str(run / 'poem.txt'), output=str(out), quiet=True)
     doc = parse(out.read_text(encoding='utf-8'))
     assert doc.find('p', 'note')[0].attrs['id'] == 'no-log'
     assert 'no loss curve' in doc.find('p', 'note')[0].text()

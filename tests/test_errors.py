@@ -2,7 +2,7 @@
 import pytest
 
 from gpt2 import errors
-from gpt2 import sampling
+from gpt2 import settings
 from gpt2.errors import UserError
 
 
@@ -23,7 +23,7 @@ def test_messages_name_the_flag_the_value_and_the_bound():
 
 def test_sampling_refuses_a_bare_flag_as_a_count():
     with pytest.raises(UserError, match=r'--nsamples must be a whole number >= 1, got True'):
-        sampling.check_controls(length=5, temperature=1.0, top_k=0, top_p=1.0,
+        settings.SampleSettings(length=5, temperature=1.0, top_k=0, top_p=1.0,
                                 repetition_penalty=1.0, nsamples=True)
 
 

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import encoder as encoder_lib
-from gpt2 import novelty
+from gpt2 import novelty, samples_file
 from gpt2.errors import UserError
 
 ENC = encoder_lib.get_encoder()
-D = novelty.SAMPLE_DELIMITER
+D = samples_file.SAMPLE_DELIMITER
 
 CORPUS = '''Nothing to be done.
 The sun shone, having no alternative, on the nothing new.

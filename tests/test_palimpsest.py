@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling
+from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling, settings
 from gpt2.errors import UserError
 from tests.conftest import run_sample_py
 
@@ -37,6 +37,10 @@ def full_logits(hp, params, toks):
 
 
 CONTROLS = dict(top_k=0, top_p=1.0, seed=9)
+
+
+def controls(**kw):
+    return settings.SampleSettings(**CONTROLS, **kw)
 
 
 # ---- plans and names ----
@@ -99,8 +103,9 @@ def test_store_loads_lazily_within_budget(tiny, run):
 
 def test_one_checkpoint_schedule_equals_plain_sampling(tiny, run):
     store, prefixes = store_and_prefixes(tiny, run)
-    out = palimpsest.run(tiny, [(0, prefixes[0])], store, prompts=[[1, 2]] * 2, batch_size=2,
-                         length=20, temperature=1.0, **CONTROLS)
+    out = palimpsest.sample(tiny, [(0, prefixes[0])], store,
+                            controls(batch_size=2, length=20, temperature=1.0),
+                            prompts=[[1, 2]] * 2)
     plain = sampling.generate(tiny, store.get(prefixes[0]), prompts=[[1, 2]] * 2, nsamples=2,
                               batch_size=2, length=20, temperature=1.0, **CONTROLS)
     assert out['tokens'] == plain
@@ -109,14 +114,15 @@ def test_one_checkpoint_schedule_equals_plain_sampling(tiny, run):
 def test_recompute_greedy_tokens_are_each_spans_checkpoint_under_full_forward(tiny, run):
     store, prefixes = store_and_prefixes(tiny, run)
     plan = [(0, prefixes[0]), (5, prefixes[1]), (9, prefixes[2])]
-    out = palimpsest.run(tiny, plan, store, prompts=[[3, 4, 5]], batch_size=1, length=14,
-                         cache='recompute', temperature=0, **CONTROLS)
+    out = palimpsest.sample(tiny, plan, store, controls(length=14, temperature=0),
+                            prompts=[[3, 4, 5]], cache='recompute')
     toks = [3, 4, 5]
     for i, new in enumerate(out['tokens'][0]):
         prefix = [p for pos, p in plan if pos <= i][-1]
         assert new == int(np.argmax(full_logits(tiny, store.get(prefix), toks))), i
         toks.append(new)
-    assert out['spans'][0] == [(0, 5, prefixes[0]), (5, 9, prefixes[1]), (9, 14, prefixes[2])]
+    assert out['stretches'][0] == [(0, 5, prefixes[0]), (5, 9, prefixes[1]),
+                                   (9, 14, prefixes[2])]
 
 
 def test_keep_mode_cache_holds_the_old_checkpoints_keys_and_values(tiny, run):
@@ -144,23 +150,24 @@ def test_keep_mode_cache_holds_the_old_checkpoints_keys_and_values(tiny, run):
 def test_keep_and_recompute_write_different_texts(tiny, run):
     store, prefixes = store_and_prefixes(tiny, run)
     plan = [(0, prefixes[0]), (4, prefixes[1])]
-    kw = dict(prompts=[[7, 8, 9, 10, 11, 12]], batch_size=1, length=16, temperature=0,
-              **CONTROLS)
-    keep = palimpsest.run(tiny, plan, store, cache='keep', **kw)['tokens'][0]
-    again = palimpsest.run(tiny, plan, store, cache='recompute', **kw)['tokens'][0]
+    s = controls(length=16, temperature=0)
+    kw = dict(prompts=[[7, 8, 9, 10, 11, 12]])
+    keep = palimpsest.sample(tiny, plan, store, s, cache='keep', **kw)['tokens'][0]
+    again = palimpsest.sample(tiny, plan, store, s, cache='recompute', **kw)['tokens'][0]
     assert keep[:4] == again[:4]          # the same checkpoint wrote the first span
     assert keep != again
 
 
 def test_blend_with_weight_one_equals_that_checkpoint(tiny, run):
     store, prefixes = store_and_prefixes(tiny, run)
-    kw = dict(prompts=[[1, 2]] * 2, batch_size=2, length=12, temperature=1.0, **CONTROLS)
-    blended = palimpsest.run(tiny, None, store, blend=[(prefixes[1], 1.0), (prefixes[2], 0.0)],
-                             **kw)
-    alone = palimpsest.run(tiny, [(0, prefixes[1])], store, **kw)
+    s = controls(batch_size=2, length=12, temperature=1.0)
+    kw = dict(prompts=[[1, 2]] * 2)
+    blended = palimpsest.sample(tiny, None, store, s,
+                                blend=[(prefixes[1], 1.0), (prefixes[2], 0.0)], **kw)
+    alone = palimpsest.sample(tiny, [(0, prefixes[1])], store, s, **kw)
     assert blended['tokens'] == alone['tokens']
-    mixed = palimpsest.run(tiny, None, store, blend=[(prefixes[1], 0.5), (prefixes[2], 0.5)],
-                           **kw)
+    mixed = palimpsest.sample(tiny, None, store, s,
+                              blend=[(prefixes[1], 0.5), (prefixes[2], 0.5)], **kw)
     assert mixed['tokens'] != alone['tokens']
 
 
@@ -168,13 +175,13 @@ def test_swaps_do_not_retrace(tiny, run):
     store, prefixes = store_and_prefixes(tiny, run)
     sampling.make_decoder.cache_clear()
     plan = palimpsest.cycle_plan(prefixes, 3, 30)
-    out = palimpsest.run(tiny, plan, store, prompts=[[1]], batch_size=1, length=30,
-                         temperature=1.0, **CONTROLS)
-    assert len(out['spans'][0]) == 10          # nine swaps among three checkpoints
+    out = palimpsest.sample(tiny, plan, store, controls(length=30, temperature=1.0),
+                            prompts=[[1]])
+    assert len(out['stretches'][0]) == 10      # nine swaps among three checkpoints
     assert out['tracing_count'] == 1
 
 
-def test_annotate_marks_spans(tiny):
+def test_annotate_marks_stretches(tiny):
     decode = lambda ids: ''.join(chr(97 + t % 26) for t in ids)  # noqa: E731
     text, records = palimpsest.annotate([0, 1, 2, 3, 4], [(0, 2, 'r/model-60'),
                                                           (2, 5, 'r/model-200')], decode)

@@ -16,14 +16,14 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling, scoring
-from gpt2.novelty import SAMPLE_DELIMITER
+from gpt2 import settings
+from gpt2.samples_file import SAMPLE_DELIMITER
 from tests.conftest import ROOT, run_sample_py
 
 IN_CI = os.environ.get('CI', '').lower() == 'true'
 
 # GPT-2's vocabulary (so sample.py's encoder applies) in a model small enough for many runs.
 VOCAB_HP = hparams_lib.HParams(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
-NN, END = 628, 10619          # GPT-2's ids of '\n\n' and 'END'
 
 
 def sharp(hp, seed, scale=4.0):
@@ -204,14 +204,15 @@ def test_keep_mode_tokens_equal_full_forward_over_the_old_checkpoints_keys(tiny,
     it over its own span on top of the keys and values the older checkpoints computed (two swaps,
     so three layers; two ragged prompts in one batch).
 
-    Caught: keep mode rebuilding the cache with the new checkpoint (palimpsest.run passing
+    Caught: keep mode rebuilding the cache with the new checkpoint (palimpsest.sample passing
     recompute=True whatever the mode)."""
     store, prefixes, trees = three_steps
     positions = (0, 5, 9)
     prompts, length = [[3, 4, 5], [7]], 14
-    out = palimpsest.run(tiny, list(zip(positions, prefixes)), store, prompts=prompts,
-                         batch_size=2, length=length, cache='keep', temperature=0, top_k=0,
-                         top_p=1.0, seed=0, jit_compile=True)
+    out = palimpsest.sample(tiny, list(zip(positions, prefixes)), store,
+                            settings.SampleSettings(batch_size=2, length=length, temperature=0,
+                                                    top_k=0, top_p=1.0, seed=0),
+                            prompts=prompts, cache='keep', jit_compile=True)
     plan = list(zip(positions, trees))
     for prompt, got in zip(prompts, out['tokens']):
         want = keep_reference(tiny, plan, prompt, length)
@@ -240,12 +241,13 @@ def test_blend_equals_argmax_of_the_weighted_mixture_of_softmaxes(tiny, three_st
     two full forwards' softmaxes.
 
     Caught: sampling.mix_logits mixing the logits (a weighted geometric mean) instead of the
-    probabilities; palimpsest.run handing the weights over in reverse order."""
+    probabilities; palimpsest.sample handing the weights over in reverse order."""
     store, prefixes, (a, b, _) = three_steps
     prompt, length = [40, 50, 60, 70], 16
-    kw = dict(prompts=[prompt], batch_size=1, length=length, top_k=0, top_p=1.0)
-    got = palimpsest.run(tiny, None, store, blend=[(prefixes[0], 0.3), (prefixes[1], 0.7)],
-                         temperature=0, seed=0, **kw)['tokens'][0]
+    kw = dict(batch_size=1, length=length, top_k=0, top_p=1.0)
+    blend = [(prefixes[0], 0.3), (prefixes[1], 0.7)]
+    got = palimpsest.sample(tiny, None, store, settings.SampleSettings(temperature=0, seed=0, **kw),
+                            prompts=[prompt], blend=blend)['tokens'][0]
     want = blend_reference(tiny, [(a, 0.3), (b, 0.7)], prompt, length)
     assert got == want
     # The proof can fail: the mixture writes neither checkpoint's text, nor the logit average's,
@@ -255,8 +257,9 @@ def test_blend_equals_argmax_of_the_weighted_mixture_of_softmaxes(tiny, three_st
                   blend_reference(tiny, [(a, 0.7), (b, 0.3)], prompt, length),
                   geometric_reference(tiny, [(a, 0.3), (b, 0.7)], prompt, length)):
         assert other != want
-    drawn = palimpsest.run(tiny, None, store, blend=[(prefixes[0], 0.3), (prefixes[1], 0.7)],
-                           temperature=1.0, seed=21, **kw)['tokens'][0]
+    drawn = palimpsest.sample(tiny, None, store,
+                              settings.SampleSettings(temperature=1.0, seed=21, **kw),
+                              prompts=[prompt], blend=blend)['tokens'][0]
     assert drawn == blend_reference(tiny, [(a, 0.3), (b, 0.7)], prompt, length, seed=21)
 
 
@@ -384,23 +387,20 @@ def test_top_p_is_not_openais_inclusive_rule():
     assert ours.tolist() == hf
 
 
-# ---- 4. sample.py: interactive through a pipe, --stop lists, --prompt_file, printed seeds ----
+# ---- 4. sample.py: interactive through a pipe, printed seeds (--stop and --prompt_file: in
+# tests/test_prompts.py) ----
+
+def save_toy(folder):
+    """folder/toy: sharp random weights with GPT-2's vocabulary, saved like a downloaded model."""
+    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(folder / 'toy' / 'model.ckpt'),
+                           hparams=VOCAB_HP)
+    return folder
+
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
-    """models/toy: sharp random weights with GPT-2's vocabulary. models/prone: a model that
-    ignores its context and writes '\\n\\n' and 'END' each with probability ~0.08 per token
-    (ln_f's gain is 0, so every position's logits are ln_f's bias times wte)."""
-    d = tmp_path_factory.mktemp('models')
-    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(d / 'toy' / 'model.ckpt'),
-                           hparams=VOCAB_HP)
-    tree = model.init_params(VOCAB_HP, seed=1)
-    e = np.zeros(VOCAB_HP.n_embd, np.float32)
-    e[0] = 1.0
-    tree['ln_f'] = {'g': np.zeros_like(e), 'b': 0.847 * e}
-    tree['wte'][[NN, END]] += 10.0 * e
-    checkpoint.save_params(tree, str(d / 'prone' / 'model.ckpt'), hparams=VOCAB_HP)
-    return d
+    """models/toy (save_toy)."""
+    return save_toy(tmp_path_factory.mktemp('models'))
 
 
 def samples_of(out):
@@ -411,7 +411,8 @@ def samples_of(out):
     return [p[:-1] for p in parts[1:]]
 
 
-def _sample(models, name, argv, capsys, monkeypatch):
+def sampled(models, name, argv, capsys, monkeypatch):
+    """(stdout, stderr) of sample.py, exiting 0, with models/NAME and `argv`."""
     code, out, err = run_sample_py(['--models_dir', str(models), '--model_name', name,
                                     '--xla', 'False', *argv], capsys, monkeypatch)
     assert code == 0, err
@@ -441,65 +442,8 @@ def test_cli_interactive_answers_each_prompt_through_a_pipe(models, capsys, monk
     assert len(answers) == 2 and asked[2] == asked[3] == ''
     assert proc.stderr.count('Prompt should not be empty!') == 2
     for prompt, answer in zip(prompts, answers):
-        alone, _ = _sample(models, 'toy', ['--prompt', prompt, *argv], capsys, monkeypatch)
+        alone, _ = sampled(models, 'toy', ['--prompt', prompt, *argv], capsys, monkeypatch)
         assert answer == alone
-
-
-def test_cli_stop_json_list_stops_at_whichever_comes_first(models, capsys, monkeypatch):
-    """--stop '["\\n\\n", "END"]' (as typed in a shell): each sample ends where it first writes
-    either, without it; --stop '\\n\\n' alone at the first '\\n\\n'. Expected texts are the same
-    seeded samples run without --stop, cut by str.find.
-
-    Caught (gpt2.prompts.stops): the list taken as one string (never found: nothing stops);
-    only its first entry used."""
-    argv = ['--length', '30', '--seed', '5', '--nsamples', '8', '--batch_size', '8']
-    free = samples_of(_sample(models, 'prone', argv, capsys, monkeypatch)[0])
-    both = samples_of(_sample(models, 'prone', argv + ['--stop', '["\\n\\n", "END"]'], capsys,
-                              monkeypatch)[0])
-    one = samples_of(_sample(models, 'prone', argv + ['--stop', '\\n\\n'], capsys,
-                             monkeypatch)[0])
-    assert len(free) == len(both) == len(one) == 8
-
-    def cut(text, stops):
-        hits = [text.find(s) for s in stops if s in text]
-        return text[:min(hits)] if hits else text
-    for t, b, o in zip(free, both, one):
-        assert b == cut(t, ['\n\n', 'END']), (t, b)
-        assert o == cut(t, ['\n\n']), (t, o)
-    first = [min((t.find(s), s) for s in ('\n\n', 'END') if s in t)[1] for t in free
-             if '\n\n' in t or 'END' in t]
-    # Both entries do the stopping somewhere, so neither alone explains the texts.
-    assert first.count('\n\n') >= 2 and first.count('END') >= 2, first
-
-
-def test_cli_prompt_file_blocks_or_lines(models, tmp_path, capsys, monkeypatch):
-    """--prompt_file: one prompt per blank-line separated block when the file has a blank line
-    (a line of spaces counts), else one per line; each sample is what --prompt gives for its
-    prompt alone (greedy, --include_prompt).
-
-    Caught (gpt2.prompts.read): always one prompt per line; always blocks (a file
-    without blank lines would be one prompt); a line of spaces not taken as blank (the bug
-    this test found)."""
-    argv = ['--length', '4', '--temperature', '0', '--include_prompt']
-    files = {
-        'blocks.txt': ('The night was\ndark and cold\n\nOnce upon a time\n\n\nIn the beginning\n',
-                       ['The night was\ndark and cold', 'Once upon a time', 'In the beginning']),
-        'lines.txt': ('The night was\ndark and cold\nOnce upon a time\n',
-                      ['The night was', 'dark and cold', 'Once upon a time']),
-        'spaces.txt': ('The night was\ndark and cold\n  \nOnce upon a time\n',
-                       ['The night was\ndark and cold', 'Once upon a time']),
-    }
-    alone = {}
-    for name, (text, prompts) in files.items():
-        (tmp_path / name).write_text(text, encoding='utf-8')
-        got = samples_of(_sample(models, 'toy', ['--prompt_file', str(tmp_path / name), *argv],
-                                 capsys, monkeypatch)[0])
-        for p in prompts:
-            if p not in alone:
-                alone[p] = samples_of(_sample(models, 'toy', ['--prompt', p.replace('\n', '\\n'),
-                                                              *argv], capsys, monkeypatch)[0])
-        assert got == [s for p in prompts for s in alone[p]], name
-        assert all(s.startswith(p) for s, p in zip(got, prompts))
 
 
 def test_cli_drawn_seed_is_printed_and_reproduces(models, capsys, monkeypatch):
@@ -509,11 +453,11 @@ def test_cli_drawn_seed_is_printed_and_reproduces(models, capsys, monkeypatch):
     Caught: the printed seed not the one used (seed + 1 printed); a fixed seed instead of a
     drawn one."""
     argv = ['--length', '10', '--nsamples', '2', '--prompt', 'Hello']
-    out, err = _sample(models, 'toy', argv, capsys, monkeypatch)
+    out, err = sampled(models, 'toy', argv, capsys, monkeypatch)
     seed = int(re.search(r'seed (\d+)', err).group(1))
-    again, err2 = _sample(models, 'toy', argv + ['--seed', str(seed)], capsys, monkeypatch)
+    again, err2 = sampled(models, 'toy', argv + ['--seed', str(seed)], capsys, monkeypatch)
     assert again == out and f'seed {seed}' in err2
-    _, err3 = _sample(models, 'toy', argv, capsys, monkeypatch)
+    _, err3 = sampled(models, 'toy', argv, capsys, monkeypatch)
     assert int(re.search(r'seed (\d+)', err3).group(1)) != seed
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import checkpoint, fast, model, sampling
+from gpt2 import checkpoint, fast, model, sampling, settings
 from gpt2.errors import UserError
 from tests.conftest import run_sample_py
 
@@ -254,14 +254,14 @@ def test_stop_tokens_end_their_row_only(tiny, params):
 def test_stop_strings_end_the_right_rows(tiny, params):
     decode = lambda ids: ''.join(chr(0x100 + t) for t in ids)  # noqa: E731  one char per id
     prompts = [[1, 2, 3], [40, 41]]
-    spans = [(0, (params,), (1.0,))]
-    kw = dict(prompts=prompts, batch_size=2, length=40, temperature=0, top_k=0, top_p=1.0,
-              seed=0, decode_text=decode, chunk=4)
-    free = sampling.run_spans(tiny, spans, **kw)
+    spans = [sampling.Span.fixed(params)]
+    s = settings.SampleSettings(batch_size=2, length=40, temperature=0, seed=0)
+    kw = dict(prompts=prompts, decode_text=decode, chunk=4)
+    free = sampling.run_spans(tiny, spans, s, **kw)
     row0, row1 = free['tokens']
     pair = next(decode(row0[i:i + 2]) for i in range(len(row0) - 1)
                 if decode(row0[i:i + 2]) not in decode(row1))
-    out = sampling.run_spans(tiny, spans, stop_strings=[pair], **kw)
+    out = sampling.run_spans(tiny, spans, s, stop_strings=[pair], **kw)
     cut = decode(row0).index(pair)
     assert out['texts'][0] == decode(row0)[:cut]
     assert out['tokens'][0] == row0[:cut]
@@ -328,3 +328,54 @@ def test_cli_score(model_dir, capsys, monkeypatch):
                          'and more words to pass the context window of thirty two tokens'],
                         capsys, monkeypatch)
     assert code == 0 and 'perplexity' in out
+
+
+def test_cli_subcommands_take_the_flags_they_always_took():
+    """fire parses each entry's signature: its own flags and the SampleSettings fields it takes,
+    with their defaults (the atlas's nsamples and batch_size its own)."""
+    import inspect
+
+    import sample
+    shared = ['prompt', 'prompt_file', 'nsamples', 'batch_size', 'length', 'temperature', 'top_k',
+              'top_p', 'repetition_penalty', 'seed', 'stop', 'include_prompt', 'output', 'quiet',
+              'xla', 'dtype']
+    source = ['model_name', 'run_name', 'checkpoint', 'models_dir', 'checkpoint_dir']
+    want = {
+        'sample': shared + source + ['interactive', 'novel_against', 'novel_mode', 'ngram'],
+        'score': source + ['file', 'text', 'tokens', 'dtype'],
+        'palimpsest': shared + ['run_name', 'checkpoint_dir', 'samples_dir', 'schedule', 'cycle',
+                                'steps', 'every', 'blend', 'cache', 'annotate', 'budget_mb'],
+        'novelty': ['corpus', 'samples', 'mode', 'ngram', 'output', 'delimiter'],
+        'atlas': ['run_name', 'steps', 'temperatures', 'prompt', 'prompt_file', 'nsamples',
+                  'length', 'seed', 'corpus', 'output', 'checkpoint_dir', 'samples_dir', 'top_k',
+                  'top_p', 'ngram', 'every', 'batch_size', 'dtype', 'xla', 'quiet']}
+    entries = dict(sample.COMMANDS, sample=sample.sample)
+    for name, flags in want.items():
+        got = inspect.signature(entries[name]).parameters
+        assert sorted(got) == sorted(flags), name
+    atlas = inspect.signature(sample.atlas).parameters
+    assert (atlas['nsamples'].default, atlas['batch_size'].default) == (2, None)
+    assert inspect.signature(sample.sample).parameters['length'].default == 100
+
+
+def test_cli_first_flags_come_by_position_as_they_always_did(model_dir, capsys, monkeypatch,
+                                                             tmp_path):
+    """`sample.py 'A prompt'`, `score FILE`, `palimpsest SCHEDULE`, `atlas RUN`: a positional
+    argument is the flag it was before the flags came from SampleSettings."""
+    import inspect
+
+    import sample
+    entries = dict(sample.COMMANDS, sample=sample.sample)
+    for name, first in (('sample', ['prompt', 'prompt_file', 'interactive']),
+                        ('score', ['file', 'text']), ('palimpsest', ['schedule', 'cycle', 'steps']),
+                        ('atlas', ['run_name', 'steps', 'temperatures']),
+                        ('novelty', ['corpus', 'samples'])):
+        bound = inspect.signature(entries[name]).bind(*first).arguments
+        assert list(bound.items()) == [(f, f) for f in first], name
+    text = tmp_path / 'notes.txt'
+    text.write_text('a b c d e f g')
+    by_flag = _run(['score', '--file', str(text), '--models_dir', str(model_dir / 'models'),
+                    '--model_name', 'toy'], capsys, monkeypatch)
+    by_position = _run(['score', str(text), '--models_dir', str(model_dir / 'models'),
+                        '--model_name', 'toy'], capsys, monkeypatch)
+    assert by_position[0] == 0 and by_position[1] == by_flag[1] and 'perplexity' in by_flag[1]
