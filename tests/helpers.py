@@ -1,15 +1,20 @@
 """What several test files share: a learnable token stream and its .npz, train(dataset, **flags)
-and a quick tiny run, a tree's leaves as arrays, a random tree and its loss in NumPy, and the
-TensorBoard scalars a run wrote."""
+and a quick tiny run, a tree's leaves as arrays, random trees (and one's loss in NumPy), the
+TensorBoard scalars a run wrote, token rows, and a toy model with GPT-2's vocabulary that
+sample.py runs on."""
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
 
 from gpt2 import checkpoint
+from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from gpt2 import settings
 from gpt2 import training
+from gpt2.samples_file import SAMPLE_DELIMITER
+from tests.conftest import run_sample_py
 
 
 def npz(path, tokens):
@@ -76,3 +81,70 @@ def scalars(run):
                 for v in e.summary.value:
                     out.setdefault(v.tag, {})[e.step] = float(tf.make_ndarray(v.tensor))
     return out
+
+
+# ---- model trees and tokens for the forward, sampling and oracle tests
+
+def random_params(hp, seed):
+    """init_params with random (not 1/0) norms and biases, so every parameter matters."""
+    p = model.init_params(hp, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    return tf.nest.map_structure(
+        lambda a: a + rng.normal(0, 0.1, a.shape).astype(a.dtype) if a.ndim == 1 else a, p)
+
+
+def lively_params(hp, seed):
+    """A tree whose every parameter moves the logits: random biases, gains and shifts, and
+    matrices large enough (std 1.2/sqrt(nx)) that the GELU sees inputs across its curve (about
+    -4..4, where tanh and erf forms differ), while the embeddings stay OpenAI-small (std 0.02), so
+    the first layer norm's variance is near its epsilon and a wrong epsilon shows."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(name, a):
+        if a.ndim == 1:
+            return rng.normal(1 if name.endswith('/g') else 0, 0.3, a.shape).astype(np.float32)
+        if name in ('model/wte', 'model/wpe'):
+            return rng.normal(0, 0.02, a.shape).astype(np.float32)
+        return rng.normal(0, 1.2 / np.sqrt(a.shape[-2]), a.shape).astype(np.float32)
+    flat = checkpoint.flatten(model.init_params(hp, seed=seed))
+    return checkpoint.unflatten({k: leaf(k, a) for k, a in flat.items()}, hp)
+
+
+def tokens_for(hp, batch, seq, seed=0):
+    """[batch, seq] random token ids (int32)."""
+    return np.random.default_rng(seed).integers(0, hp.n_vocab, [batch, seq]).astype(np.int32)
+
+
+def sharp(hp, seed, scale=4.0):
+    """Random weights scaled up so that the next token depends strongly on the context."""
+    tree = model.init_params(hp, seed=seed)
+    return tf.nest.map_structure(lambda x: x * scale if x.ndim > 1 else x, tree)
+
+
+# ---- a toy model with GPT-2's vocabulary, and sample.py run on it
+
+# GPT-2's vocabulary (so sample.py's encoder applies) in a model small enough for many runs.
+VOCAB_HP = hparams_lib.HParams(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
+
+
+def save_toy(folder):
+    """folder/toy: sharp random weights with GPT-2's vocabulary, saved like a downloaded model."""
+    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(folder / 'toy' / 'model.ckpt'),
+                           hparams=VOCAB_HP)
+    return folder
+
+
+def samples_of(out):
+    """The samples sample.py printed between its delimiter lines (print adds one newline)."""
+    d = re.escape(SAMPLE_DELIMITER)
+    parts = re.split(rf'^{d} SAMPLE \d+ {d}\n', out, flags=re.M)
+    assert parts[0] == '' and all(p.endswith('\n') for p in parts[1:]), out
+    return [p[:-1] for p in parts[1:]]
+
+
+def sampled(models, name, argv, capsys, monkeypatch):
+    """(stdout, stderr) of sample.py, exiting 0, with models/NAME and `argv`."""
+    code, out, err = run_sample_py(['--models_dir', str(models), '--model_name', name,
+                                    '--xla', 'False', *argv], capsys, monkeypatch)
+    assert code == 0, err
+    return out, err

@@ -25,7 +25,7 @@ from gpt2 import model
 from gpt2.errors import UserError
 from tests import helpers
 from tests.conftest import CORPORA, ROOT, corpus_files, real_text
-from tests.test_model import lively_params
+from tests.helpers import lively_params
 
 PY = sys.executable
 HP = hparams_lib.HParams(n_vocab=50257, n_ctx=64, n_embd=64, n_head=4, n_layer=2)

@@ -15,7 +15,7 @@ from gpt2 import fast
 from gpt2 import model
 from gpt2 import sampling
 from gpt2 import step as step_lib
-from tests.test_model import lively_params, tokens_for
+from tests.helpers import lively_params, tokens_for
 
 TOL = 1e-5  # relative: max |fast - plain| / max |plain| (measured about 1e-7, printed)
 

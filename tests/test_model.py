@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import checkpoint
 from gpt2 import fast
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
+from tests.helpers import lively_params, random_params, tokens_for
 
 
 def np_forward(hp, p, tokens):
@@ -39,35 +39,6 @@ def np_forward(hp, p, tokens):
         x = x + conv1d(a, blk['attn']['c_proj'])
         x = x + conv1d(gelu(conv1d(norm(x, blk['ln_2']), blk['mlp']['c_fc'])), blk['mlp']['c_proj'])
     return norm(x, p['ln_f']) @ p['wte'].T
-
-
-def random_params(hp, seed):
-    """init_params with random (not 1/0) norms and biases, so every parameter matters."""
-    p = model.init_params(hp, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    return tf.nest.map_structure(
-        lambda a: a + rng.normal(0, 0.1, a.shape).astype(a.dtype) if a.ndim == 1 else a, p)
-
-
-def tokens_for(hp, batch, seq, seed=0):
-    return np.random.default_rng(seed).integers(0, hp.n_vocab, [batch, seq]).astype(np.int32)
-
-
-def lively_params(hp, seed):
-    """A tree whose every parameter moves the logits: random biases, gains and shifts, and
-    matrices large enough (std 1.2/sqrt(nx)) that the GELU sees inputs across its curve (about
-    -4..4, where tanh and erf forms differ), while the embeddings stay OpenAI-small (std 0.02), so
-    the first layer norm's variance is near its epsilon and a wrong epsilon shows."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(name, a):
-        if a.ndim == 1:
-            return rng.normal(1 if name.endswith('/g') else 0, 0.3, a.shape).astype(np.float32)
-        if name in ('model/wte', 'model/wpe'):
-            return rng.normal(0, 0.02, a.shape).astype(np.float32)
-        return rng.normal(0, 1.2 / np.sqrt(a.shape[-2]), a.shape).astype(np.float32)
-    flat = checkpoint.flatten(model.init_params(hp, seed=seed))
-    return checkpoint.unflatten({k: leaf(k, a) for k, a in flat.items()}, hp)
 
 
 # max |ours (float32) - reference (float64)| / max |reference|: about 1e-6 when right.

@@ -19,7 +19,7 @@ from gpt2 import checkpoint
 from gpt2 import hparams as hparams_lib
 from gpt2 import model
 from tests.conftest import OPENAI_117M
-from tests.test_model import random_params
+from tests.helpers import random_params
 
 pytestmark = pytest.mark.slow
 # max |ours - OpenAI| / max |OpenAI| over all 1024 x 50257 logits: fp32 on both sides gives ~1e-6.

@@ -9,12 +9,7 @@ import tensorflow as tf
 from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling, settings
 from gpt2.errors import UserError
 from tests.conftest import run_sample_py
-
-
-def sharp(hp, seed, scale=4.0):
-    """Random weights scaled up so the next token depends strongly on the context."""
-    tree = model.init_params(hp, seed=seed)
-    return tf.nest.map_structure(lambda x: x * scale if x.ndim > 1 else x, tree)
+from tests.helpers import sharp
 
 
 @pytest.fixture

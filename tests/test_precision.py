@@ -28,7 +28,7 @@ from gpt2 import scoring
 from gpt2 import step as step_lib
 from tests import helpers
 from tests.conftest import real_text, run_sample_py
-from tests.test_model import lively_params, tokens_for
+from tests.helpers import lively_params, tokens_for
 
 NARROW = ('bf16', 'int8')
 NARROW_TRAIN = ('bf16', 'fp16')

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from gpt2 import checkpoint, model
-from tests.test_sample_promises import VOCAB_HP, sampled, samples_of, save_toy
+from tests.helpers import VOCAB_HP, sampled, samples_of, save_toy
 
 NN, END = 628, 10619          # GPT-2's ids of '\n\n' and 'END'
 
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
-    """models/toy (test_sample_promises.save_toy). models/prone: a model that ignores its context
+    """models/toy (helpers.save_toy). models/prone: a model that ignores its context
     and writes '\\n\\n' and 'END' each with probability ~0.08 per token (ln_f's gain is 0, so every
     position's logits are ln_f's bias times wte)."""
     d = save_toy(tmp_path_factory.mktemp('models'))

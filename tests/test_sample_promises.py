@@ -15,22 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import checkpoint, hparams as hparams_lib, model, palimpsest, sampling, scoring
+from gpt2 import checkpoint, model, palimpsest, sampling, scoring
 from gpt2 import settings
-from gpt2.samples_file import SAMPLE_DELIMITER
 from tests.conftest import ROOT, run_sample_py
+from tests.helpers import VOCAB_HP, sampled, save_toy, sharp
 
 IN_CI = os.environ.get('CI', '').lower() == 'true'
-
-# GPT-2's vocabulary (so sample.py's encoder applies) in a model small enough for many runs.
-VOCAB_HP = hparams_lib.HParams(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
-
-
-def sharp(hp, seed, scale=4.0):
-    """Random weights scaled up so that the next token depends strongly on the context."""
-    tree = model.init_params(hp, seed=seed)
-    return tf.nest.map_structure(lambda x: x * scale if x.ndim > 1 else x, tree)
-
 
 def log_softmax64(logits):
     x = np.asarray(logits, np.float64)
@@ -390,33 +380,10 @@ def test_top_p_is_not_openais_inclusive_rule():
 # ---- 4. sample.py: interactive through a pipe, printed seeds (--stop and --prompt_file: in
 # tests/test_prompts.py) ----
 
-def save_toy(folder):
-    """folder/toy: sharp random weights with GPT-2's vocabulary, saved like a downloaded model."""
-    checkpoint.save_params(sharp(VOCAB_HP, seed=0), str(folder / 'toy' / 'model.ckpt'),
-                           hparams=VOCAB_HP)
-    return folder
-
-
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
     """models/toy (save_toy)."""
     return save_toy(tmp_path_factory.mktemp('models'))
-
-
-def samples_of(out):
-    """The samples sample.py printed between its delimiter lines (print adds one newline)."""
-    d = re.escape(SAMPLE_DELIMITER)
-    parts = re.split(rf'^{d} SAMPLE \d+ {d}\n', out, flags=re.M)
-    assert parts[0] == '' and all(p.endswith('\n') for p in parts[1:]), out
-    return [p[:-1] for p in parts[1:]]
-
-
-def sampled(models, name, argv, capsys, monkeypatch):
-    """(stdout, stderr) of sample.py, exiting 0, with models/NAME and `argv`."""
-    code, out, err = run_sample_py(['--models_dir', str(models), '--model_name', name,
-                                    '--xla', 'False', *argv], capsys, monkeypatch)
-    assert code == 0, err
-    return out, err
 
 
 def test_cli_interactive_answers_each_prompt_through_a_pipe(models, capsys, monkeypatch):

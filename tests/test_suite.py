@@ -1,7 +1,10 @@
 """The suite's own rules: under CI=true a skipped test fails the run (a missing fixture or oracle
 dependency must not pass quietly) and no marker expression leaves tests out (scripts/test.sh's
-plain -m 'not slow'), and the committed oracle files are whole."""
+plain -m 'not slow'), the committed oracle files are whole, and test files share helpers through
+tests/helpers.py."""
+import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,3 +80,15 @@ def test_the_committed_oracle_files_are_there():
              for name in ('model.ckpt.meta', 'model.ckpt.index', 'hparams.json')}
     assert sizes['model.ckpt.meta'] == 471155 and sizes['model.ckpt.index'] == 5215
     assert sum(os.path.getsize(os.path.join(CORPORA, f)) for f in os.listdir(CORPORA)) > 100000
+
+
+def test_test_files_share_helpers_through_helpers_py_not_each_other():
+    """What several test files use lives in tests/helpers.py or tests/conftest.py: a test file
+    that imports another collects (and may run) the other's module-level setup too."""
+    crossed = []
+    for path in sorted(glob.glob(os.path.join(ROOT, 'tests', 'test_*.py'))):
+        with open(path, encoding='utf-8') as f:
+            crossed += [f'{os.path.basename(path)}: {line.strip()}' for line in f
+                        if re.match(r'\s*(from tests\.test_|import tests\.test_|from \.test_)',
+                                    line)]
+    assert not crossed, crossed
