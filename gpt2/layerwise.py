@@ -1,5 +1,7 @@
 """The block-at-a-time train step (--layerwise): backprop one block at a time, each block's update
 applied as soon as its gradient exists, so the whole model's gradients never exist at once."""
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from gpt2 import checkpoint
@@ -81,59 +83,96 @@ def make_layerwise_step(hparams, optimizer='adam', *, weight_decay=0.0, noise=0.
         return tf.stack(dxs)
 
     noised = step_lib.make_noised(noise, hparams.n_vocab, jit_compile)
+    pieces = _Pieces(top_copy, forward_block, head, embed_grads, block_step, apply)
 
     def call(state, windows, lr, t, seed):
         windows = tf.constant(windows, tf.int32)
         n = windows.shape[0]
         inputs = noised(windows[:, :, :-1], tf.constant(seed, tf.int32))
         lr, t = tf.constant(lr, tf.float32), tf.constant(t, tf.float32)
-        params = state.params
-        top = {k: params[k] for k in ('wte', 'wpe', 'ln_f')}
-        trained = set(state.slots)
-        # The forward pass, one compiled block at a time, keeping each block's input.
-        ins, masks = [], []   # (every block's mask is the same causal one)
-
-        def keep(x, p, *, mask, **_):
-            ins[-1].append(x)
-            masks[:] = [mask]
-            return forward_block(x, p, mask), None
-        outs = []
-        for j in range(n):
-            ins.append([])
-            h, _ = model.hidden(hparams, dict(top_copy(top), h=params['h']), inputs[j],
-                                block_fn=keep)
-            outs.append(h)
-        loss, dys, g_top = 0.0, [], None
-        for j in range(n):
-            lj, dh, gj = head(outs[j], {'ln_f': top['ln_f'], 'wte': top['wte']},
-                              windows[j, :, 1:], tf.constant(1 / n))
-            loss, g_top = loss + lj, gj if g_top is None else tf.nest.map_structure(
-                tf.add, g_top, gj)
-            dys.append(dh)
+        ins, mask, outs = _forward(hparams, pieces, state.params, inputs)
+        loss, dys, g_top = _head(pieces, state.params, outs, windows)
         del outs
-        # Backprop from the top block down, each block's update applied once it has its gradient.
-        for i in reversed(range(hparams.n_layer)):
-            p = params['h'][i]
-            # Keyed by the names within a block ('model/ln_1/g'), so one trace serves them all.
-            full = {k: k.replace('model/', f'model/h{i}/', 1) for k in checkpoint.flatten(p)}
-            slots = {k: state.slots[v] for k, v in full.items()}
-            decayed = {k: optim.decays(v) for k, v in full.items()}
-            xs = tf.stack([ins[j][i] for j in range(n)])
-            for j in range(n):
-                ins[j][i] = None
-            dys = tf.unstack(block_step(xs, tf.stack(dys), p, slots, masks[0], lr, t, decayed))
-        if trained & {'model/wte', 'model/wpe', 'model/ln_f/g', 'model/ln_f/b'}:
-            grads = {'model/ln_f/g': g_top['ln_f']['g'], 'model/ln_f/b': g_top['ln_f']['b'],
-                     'model/wte': g_top['wte']}
-            for j in range(n):
-                ge = embed_grads({'wte': top['wte'], 'wpe': top['wpe']}, inputs[j], dys[j])
-                grads['model/wte'] = grads['model/wte'] + ge['wte']
-                grads['model/wpe'] = ge['wpe'] if j == 0 else grads['model/wpe'] + ge['wpe']
-            flat = checkpoint.flatten(params)
-            apply({k: flat[k] for k in grads}, {k: state.slots[k] for k in grads}, grads, lr, t,
-                  None, {k: optim.decays(k) for k in grads})
+        dys = _backprop_blocks(hparams, pieces, state, ins, dys, mask, lr, t)
+        _update_top(pieces, state, g_top, inputs, dys, lr, t)
         return loss / n
 
-    pieces = (forward_block, head, embed_grads, block_step)
-    call.tracing_count = lambda: sum(f.experimental_get_tracing_count() for f in pieces)
+    compiled = (forward_block, head, embed_grads, block_step)
+    call.tracing_count = lambda: sum(f.experimental_get_tracing_count() for f in compiled)
     return call
+
+
+class _Pieces(NamedTuple):
+    """make_layerwise_step's compiled pieces (and the compute copy of the top leaves)."""
+    top_copy: object
+    forward_block: object
+    head: object
+    embed_grads: object
+    block_step: object
+    apply: object
+
+
+def _forward(hparams, pieces, params, inputs):
+    """The forward pass of each micro-batch, one compiled block at a time -> (each micro-batch's
+    list of every block's input, the causal mask every block shares, the last block's outputs)."""
+    top = {k: params[k] for k in ('wte', 'wpe', 'ln_f')}
+    ins, masks = [], []
+
+    def keep(x, p, *, mask, **_):
+        ins[-1].append(x)
+        masks[:] = [mask]
+        return pieces.forward_block(x, p, mask), None
+    outs = []
+    for j in range(inputs.shape[0]):
+        ins.append([])
+        h, _ = model.hidden(hparams, dict(pieces.top_copy(top), h=params['h']), inputs[j],
+                            block_fn=keep)
+        outs.append(h)
+    return ins, masks[0], outs
+
+
+def _head(pieces, params, outs, windows):
+    """The output layer and loss of each micro-batch -> (the summed loss, each micro-batch's
+    gradient for the last block's output, ln_f's and the output layer's wte gradients summed)."""
+    n = len(outs)
+    loss, dys, g_top = 0.0, [], None
+    for j, h in enumerate(outs):
+        lj, dh, gj = pieces.head(h, {'ln_f': params['ln_f'], 'wte': params['wte']},
+                                 windows[j, :, 1:], tf.constant(1 / n))
+        loss, g_top = loss + lj, gj if g_top is None else tf.nest.map_structure(tf.add, g_top, gj)
+        dys.append(dh)
+    return loss, dys, g_top
+
+
+def _backprop_blocks(hparams, pieces, state, ins, dys, mask, lr, t):
+    """Backprop from the top block down, each block's update applied once it has its gradient
+    and its inputs let go -> the gradients of the first block's inputs, per micro-batch."""
+    n = len(ins)
+    for i in reversed(range(hparams.n_layer)):
+        p = state.params['h'][i]
+        # Keyed by the names within a block ('model/ln_1/g'), so one trace serves them all.
+        full = {k: k.replace('model/', f'model/h{i}/', 1) for k in checkpoint.flatten(p)}
+        slots = {k: state.slots[v] for k, v in full.items()}
+        decayed = {k: optim.decays(v) for k, v in full.items()}
+        xs = tf.stack([ins[j][i] for j in range(n)])
+        for j in range(n):
+            ins[j][i] = None
+        dys = tf.unstack(pieces.block_step(xs, tf.stack(dys), p, slots, mask, lr, t, decayed))
+    return dys
+
+
+def _update_top(pieces, state, g_top, inputs, dys, lr, t):
+    """The update of ln_f, wpe and wte (the output layer's part and the embedding's, summed),
+    when they are trained."""
+    if not set(state.slots) & {'model/wte', 'model/wpe', 'model/ln_f/g', 'model/ln_f/b'}:
+        return
+    params = state.params
+    grads = {'model/ln_f/g': g_top['ln_f']['g'], 'model/ln_f/b': g_top['ln_f']['b'],
+             'model/wte': g_top['wte']}
+    for j in range(inputs.shape[0]):
+        ge = pieces.embed_grads({'wte': params['wte'], 'wpe': params['wpe']}, inputs[j], dys[j])
+        grads['model/wte'] = grads['model/wte'] + ge['wte']
+        grads['model/wpe'] = ge['wpe'] if j == 0 else grads['model/wpe'] + ge['wpe']
+    flat = checkpoint.flatten(params)
+    pieces.apply({k: flat[k] for k in grads}, {k: state.slots[k] for k in grads}, grads, lr, t,
+                 None, {k: optim.decays(k) for k in grads})
