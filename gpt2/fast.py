@@ -60,7 +60,7 @@ def beside(twin):
 def function(fn=None, *, jit_compile=None):
     """tf.function(fn, jit_compile=...) whose every trace sees the plain switch as it was when
     this was called (when the step or decoder was built), whenever the trace happens; factories
-    that cache what they build key it with PLAIN, so plain() never meets a stale trace."""
+    that cache what they build key it with PLAIN (built), so plain() never meets a stale trace."""
     on = PLAIN
 
     def build(fn):
@@ -70,6 +70,20 @@ def function(fn=None, *, jit_compile=None):
                 return fn(*args, **kwargs)
         return tf.function(traced, jit_compile=jit_compile)
     return build if fn is None else build(fn)
+
+
+def built(maxsize):
+    """functools.lru_cache for a factory of compiled functions (fast.function), keyed by the plain
+    switch as well as by the factory's arguments: what plain() asks for is built under it."""
+    def wrap(factory):
+        cached = functools.lru_cache(maxsize)(lambda on, *args, **kw: factory(*args, **kw))
+
+        @functools.wraps(factory)
+        def call(*args, **kwargs):
+            return cached(PLAIN, *args, **kwargs)
+        call.cache_clear = cached.cache_clear
+        return call
+    return wrap
 
 
 def in_xla():

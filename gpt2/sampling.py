@@ -5,7 +5,6 @@ parameter tree(s) as arguments, so the tree can change at any token boundary wit
 plain sampling runs one tree, the palimpsest sampler (gpt2/palimpsest.py) passes another per Span.
 """
 import dataclasses
-import functools
 import os
 import sys
 from typing import Callable, NamedTuple
@@ -118,6 +117,7 @@ def greedy(logits):
 
 # ---- the compiled chunk loop ----
 
+@fast.built(maxsize=16)
 def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, greedy_only=False,
                  top_k=0, top_p=False, penalty=False, jit_compile=None):
     """A compiled loop that writes up to `chunk` tokens per call, built once per these arguments
@@ -131,14 +131,7 @@ def make_decoder(hparams, batch, length, *, chunk=DEFAULT_CHUNK, n_models=1, gre
     given (> 0). `.tracing_count()` reports traces.
     """
     top_k = 0 if top_k >= hparams.n_vocab else top_k
-    return _make_decoder(hparams, batch, length, chunk=chunk, n_models=n_models,
-                         greedy_only=greedy_only, top_k=top_k, top_p=top_p, penalty=penalty,
-                         jit_compile=jit_compile, plain=fast.PLAIN)
 
-
-@functools.lru_cache(maxsize=16)
-def _make_decoder(hparams, batch, length, *, chunk, n_models, greedy_only, top_k, top_p, penalty,
-                  jit_compile, plain):
     @fast.function(jit_compile=jit_compile)
     def decode(params, state, n, controls):
         start, rows = state['start'], state['rows']
@@ -180,15 +173,8 @@ def _make_decoder(hparams, batch, length, *, chunk, n_models, greedy_only, top_k
     return decode
 
 
-make_decoder.cache_clear = _make_decoder.cache_clear   # (tests count the traces of fresh ones)
-
-
+@fast.built(maxsize=16)
 def _make_prefill(hparams, *, jit_compile=None):
-    return _make_prefill_for(hparams, jit_compile=jit_compile, plain=fast.PLAIN)
-
-
-@functools.lru_cache(maxsize=16)
-def _make_prefill_for(hparams, *, jit_compile, plain):
     @fast.function(jit_compile=jit_compile)
     def prefill(params, tokens, cache, start):
         _, cache = model.forward(hparams, params, tokens, cache=cache, pos=0, start=start)
@@ -384,10 +370,12 @@ def run_spans(hparams, spans, s, *, prompts, stop_ids=(), stop_strings=(), decod
     dec = Decoder(hparams, s.batch_size, L, n_models=n_models, greedy_only=s.temperature == 0,
                   top_k=s.top_k, top_p=s.top_p < 1, penalty=s.repetition_penalty != 1,
                   chunk=chunk, jit_compile=jit_compile)
-    # The compiled loop's controls, once per span (spans differ only in their weights).
-    controls = [make_controls(hparams, temperature=s.temperature, top_p=s.top_p,
-                              repetition_penalty=s.repetition_penalty, seed=s.seed,
-                              stop_ids=stop_ids, weights=span.weights) for span in spans]
+    # The compiled loop's controls, once for each weighting the spans use (only their weights
+    # differ: a palimpsest's hundred turns share one).
+    controls = {w: make_controls(hparams, temperature=s.temperature, top_p=s.top_p,
+                                 repetition_penalty=s.repetition_penalty, seed=s.seed,
+                                 stop_ids=stop_ids, weights=w)
+                for w in {tuple(span.weights) for span in spans}}
     ends = [span.start for span in spans[1:]] + [s.length]
     results, texts = [], []
     for b0 in range(0, len(prompts), s.batch_size):
@@ -406,7 +394,8 @@ def run_spans(hparams, spans, s, *, prompts, stop_ids=(), stop_strings=(), decod
             if dec.room() == 0:
                 _rebuild(dec, spans[span_i].trees(), batch, done_steps, L, hparams)
             n = min(dec.chunk, dec.room(), ends[span_i] - done_steps)
-            batch.take(dec.run(spans[span_i].trees(), n, controls[span_i]), stop_ids,
+            span = spans[span_i]
+            batch.take(dec.run(span.trees(), n, controls[tuple(span.weights)]), stop_ids,
                        stop_strings, decode_text)
             done_steps += n
             if progress is not None:

@@ -1,6 +1,5 @@
 """How likely a text is under a checkpoint: per-token log-probabilities, loss and perplexity;
 sample.py score."""
-import functools
 import math
 import os
 
@@ -14,12 +13,8 @@ from gpt2 import source
 from gpt2.errors import UserError
 
 
+@fast.built(maxsize=8)
 def _make_logprobs(hparams):
-    return _make_logprobs_for(hparams, fast.PLAIN)
-
-
-@functools.lru_cache(maxsize=8)
-def _make_logprobs_for(hparams, plain):
     @fast.function
     def logprobs(params, tokens):
         # tokens [1, seq] -> log p(tokens[t + 1] | tokens[:t + 1]) [seq - 1]
