@@ -14,7 +14,7 @@ def path(s):
     if s.checkpoint is not None:
         return str(s.checkpoint)
     if s.run_name is not None:
-        return os.path.join(s.checkpoint_dir, str(s.run_name))
+        return _run_dir(s)
     return paths.model_dir('124M' if s.model_name is None else s.model_name, s.models_dir)
 
 
@@ -28,11 +28,15 @@ def run_folder(s):
     """The run folder --run_name names under --checkpoint_dir (None without --run_name)."""
     if s.run_name is None:
         return None
-    run_dir = os.path.join(str(s.checkpoint_dir), str(s.run_name))
+    run_dir = _run_dir(s)
     if not os.path.isdir(run_dir):
         raise UserError(f'no run folder {run_dir} (from --run_name {s.run_name} under '
                         f'--checkpoint_dir {s.checkpoint_dir})')
     return run_dir
+
+
+def _run_dir(s):
+    return os.path.join(str(s.checkpoint_dir), str(s.run_name))
 
 
 def encoder(prefix):
